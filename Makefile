@@ -1,0 +1,45 @@
+# The two commands of the README's quickstart:
+#   make demo   -- set everything up and run the main demo
+#   make test   -- set everything up and run all the tests (what .ci/run calls)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test compat bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+test: setup
+	$(BIN)/python -m pytest
+
+# The core suite on the newer CPythons this machine has (pyenv's 3.12/3.13), each in its own venv:
+# loopwatch feature-detects asyncio internals, and this proves it on more than one version.
+COMPAT_PYTHONS ?= $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3 $(HOME)/.pyenv/versions/3.13*/bin/python3)
+COMPAT_TESTS ?= tests/test_config.py tests/test_dumps.py tests/test_watchdog.py tests/test_e2e_stalls.py \
+	tests/test_slow.py tests/test_lifecycle.py
+
+compat:
+	@if [ -z "$(COMPAT_PYTHONS)" ]; then echo "compat: no CPython 3.12/3.13 found; nothing to do"; fi
+	@set -e; for py in $(COMPAT_PYTHONS); do \
+		v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+		echo "== compat: Python $$v"; \
+		[ -x .venv-$$v/bin/python ] || $$py -m venv .venv-$$v; \
+		.venv-$$v/bin/python -m pip install --quiet --upgrade pip; \
+		.venv-$$v/bin/python -m pip install --quiet -e '.[dev]'; \
+		.venv-$$v/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS); \
+	done
+
+bench: setup
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .venv-3.* build *.egg-info .pytest_cache

@@ -1,0 +1,120 @@
+"""loopwatch: keeps asyncio services healthy in production.
+
+``loopwatch.install()`` -- one line -- and the application exports Prometheus metrics about its event
+loop, and writes stack dumps that name the line of code that blocked the loop while the stall is still
+going on.  See the README for the metric catalogue, the dump format and the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ._agent import Agent, AgentSnapshot, LoopSnapshot
+from ._config import OPTION_NAMES, Options, resolve
+from ._errors import ConfigError
+from ._tasks import check_queue
+from ._version import __version__
+
+__all__ = [
+    "Agent",
+    "AgentSnapshot",
+    "ConfigError",
+    "LoopSnapshot",
+    "Options",
+    "__version__",
+    "dump",
+    "install",
+    "uninstall",
+    "watch_queue",
+]
+
+_lock = threading.RLock()
+_agent: Agent | None = None
+
+
+def install(
+    *,
+    namespace: str | None = None,
+    service: str | None = None,
+    metrics_port: int | str | None = None,
+    metrics_addr: str | None = None,
+    registry: Any = None,
+    probe_interval: float | None = None,
+    lag_thresholds: Any = None,
+    dump_dir: str | os.PathLike[str] | None = None,
+    dump_cooldown: float | None = None,
+    dump_keep: int | None = None,
+    faulthandler: bool | None = None,
+    slow_callback_threshold: float | None = None,
+    slow_callback_mode: str | None = None,
+) -> Agent:
+    """Install the agent (idempotent) and return it.
+
+    Call it inside a running loop, or before any loop exists (e.g. at import, then
+    ``asyncio.run(main())``): loops that start running later are watched from their first iteration.
+    Every option also comes from ``LOOPWATCH_<NAME>``; explicit arguments win.  Invalid options raise
+    :class:`ConfigError` and nothing is installed.  A second call returns the running agent; passing
+    options that differ from the running agent's raises :class:`ConfigError` (``uninstall()`` first).
+    """
+    global _agent
+    explicit = {name: value for name, value in locals().items() if name in OPTION_NAMES and value is not None}
+    with _lock:
+        if _agent is not None and _agent.started:
+            if explicit:
+                wanted = resolve(explicit, environ={})
+                for name in explicit:
+                    current, new = getattr(_agent.options, name), getattr(wanted, name)
+                    if (current is not new) if name == "registry" else current != new:
+                        raise ConfigError(
+                            f"loopwatch is already installed with {name}={current!r}, got {name}={new!r}; "
+                            f"call loopwatch.uninstall() before installing with other options")
+            _agent.attach_current_loop()
+            return _agent
+        agent = Agent(resolve(explicit))
+        agent.start()
+        _agent = agent
+        return agent
+
+
+def uninstall() -> None:
+    """Stop the agent: threads stopped, patches undone, metrics unregistered.  Safe to call twice."""
+    global _agent
+    with _lock:
+        agent, _agent = _agent, None
+    if agent is not None:
+        agent.stop()
+
+
+def dump(reason: str = "manual") -> Path:
+    """Write a stack dump now and return its path (JSON; a ``.txt`` twin sits beside it).
+
+    Raises ``RuntimeError`` if loopwatch is not installed or dumps are disabled.
+    """
+    agent = _agent
+    if agent is None:
+        raise RuntimeError("loopwatch is not installed: call loopwatch.install() first")
+    return agent.dump(reason)
+
+
+_Queue = TypeVar("_Queue", bound=asyncio.Queue[Any])
+
+
+def watch_queue(queue: _Queue, name: str) -> _Queue:
+    """Export ``queue_depth{queue=name}`` and ``queue_maxsize{queue=name}`` for ``queue``; returns it.
+
+    ``queue`` is an :class:`asyncio.Queue` (or a subclass: :class:`asyncio.PriorityQueue`,
+    :class:`asyncio.LifoQueue`), read at scrape time through a weak reference: watching never keeps it
+    alive, and its series disappear once it is garbage-collected.  ``name`` is a non-empty printable
+    string (at most 128 characters), unique among the live watched queues; watching the same queue
+    under the same name again is a no-op.  Anything else raises :class:`ConfigError`.  Raises
+    ``RuntimeError`` if loopwatch is not installed; ``uninstall()`` forgets every watched queue.
+    """
+    check_queue(queue, name)
+    agent = _agent
+    if agent is None or not agent.started:
+        raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_queue()")
+    return agent.task_health.watch_queue(queue, name)

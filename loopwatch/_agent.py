@@ -1,0 +1,476 @@
+"""The agent: owns the metrics, the probes (one per watched loop), the watchdog thread, the dump
+writer, the faulthandler watch, the exporter and the loop hooks -- and undoes all of it on ``stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import dataclasses
+import errno
+import os
+import platform
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import _fork, _frames
+from ._config import Options
+from ._dumps import DumpWriter, safe_reason
+from ._errors import ConfigError
+from ._exporter import Exporter
+from ._hooks import LoopHooks
+from ._log import Guard, emit, logger
+from ._metrics import Metrics
+from ._native import INFLIGHT_PREFIX, NativeWatch, parse_header
+from ._probe import LoopProbe
+from ._tasks import TaskHealth
+from ._slow import CpuBusy, IterationTimer, SlowCallback, SlowCallbackMetrics, SlowCallbacks
+from ._version import __version__
+from ._watchdog import Watchdog
+
+MAX_LOOPS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSnapshot:
+    """One watched loop, as the agent sees it right now."""
+
+    label: str
+    thread_name: str
+    running: bool
+    lag_seconds: float
+    last_delay_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSnapshot:
+    """A frozen view of the agent's state (what the exporter and the logs read)."""
+
+    metrics_url: str | None
+    dump_dir: Path
+    dumps_enabled: bool
+    degraded: tuple[str, ...]
+    loops: tuple[LoopSnapshot, ...]
+    pid: int  # this process: tells the workers of a pre-forking server apart
+
+
+class Agent:
+    """A running loopwatch agent.  Create it with :func:`loopwatch.install`."""
+
+    def __init__(self, options: Options, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.options = options
+        self._clock = clock
+        self.metrics = Metrics(options.namespace, options.service, options.lag_thresholds,
+                               live_lag=self._live_lag)
+        self.guard = Guard(self.metrics.count_error)
+        self.metrics.on_error = lambda component, exc: self.guard.report(component, exc)
+        self.task_health = TaskHealth(self)
+        self.slow_metrics = SlowCallbackMetrics(self.metrics, self.probes)
+        self.slow = SlowCallbacks(options.slow_callback_threshold, observe=self.slow_metrics.observe,
+                                  log=self._log_slow, clock=clock)
+        self.metrics.add_part("collector", lambda: self.slow_metrics.collect(self.slow.counts))
+        self.writer = DumpWriter(options.dump_dir, keep=options.dump_keep, cooldown=options.dump_cooldown,
+                                 clock=clock)
+        self._lock = threading.RLock()
+        self._probes: tuple[LoopProbe, ...] = ()
+        self._native: NativeWatch | None = None
+        self._native_owner: LoopProbe | None = None
+        self._exporter: Exporter | None = None
+        self._hooks = LoopHooks(self._on_loop_start, self._on_loop_stop,
+                                lambda exc: self.guard.report("hooks", exc))
+        self.watchdog = Watchdog(self, clock=clock)
+        self._degraded: list[str] = []
+        self._registered = False
+        self.started = False
+        self.fork_pending = False  # a forked child that has not resumed yet (see _fork)
+        self.parent_pid: int | None = None  # set in a forked child
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Register, prepare and start everything; only a registry clash raises (nothing is left)."""
+        try:
+            self.options.registry.register(self.metrics)
+        except ValueError as exc:
+            raise ConfigError(
+                f"registry already has metrics named like {self.options.namespace}_*: {exc}; "
+                f"pass another namespace, or another registry") from None
+        self._registered = True
+        self.started = True
+        self.writer.prepare()
+        if not self.writer.enabled:
+            self._degrade("dumps", self.writer.disabled_reason or "disabled")
+        else:
+            with self.guard("dump"):
+                self._convert_leftovers()
+            if self.options.faulthandler:
+                self._open_native()
+        if self.options.metrics_port:
+            self._start_exporter()
+        self._hooks.install()
+        for note in self._hooks.notes:
+            self._degrade("hooks", note)
+        self.watchdog.start(self._native)
+        if self._native is not None and self.watchdog.waker_note is not None:
+            emit("info", "loopwatch.watchdog_polling", reason=self.watchdog.waker_note)
+        atexit.register(self.stop)
+        _fork.register(self)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        probe = self.attach(loop) if loop is not None else None
+        emit("info", "loopwatch.installed", version=__version__, namespace=self.options.namespace,
+                    service=self.options.service, pid=os.getpid(), metrics_url=self.metrics_url,
+                    dump_dir=str(self.options.dump_dir), dumps=self.writer.enabled,
+                    loop=None if probe is None else probe.label)
+
+    def stop(self) -> None:
+        """Stop threads, cancel probes, undo patches, unregister the metrics.  Idempotent."""
+        if not self.started:
+            return
+        self.started = False
+        _fork.unregister(self)
+        atexit.unregister(self.stop)
+        self._hooks.uninstall()
+        self.watchdog.stop()
+        self.watchdog.drain()
+        with self._lock:
+            probes, self._probes = self._probes, ()
+            self._native_owner = None
+        with self.guard("hooks"):
+            self.task_health.stop()
+        for probe in probes:
+            with self.guard("probe"):
+                probe.stop()
+                if probe.activity is not None:
+                    probe.activity.uninstall()
+        if self._native is not None:
+            with self.guard("faulthandler"):
+                self._native.close()
+            self._native = None
+        if self._exporter is not None:
+            with self.guard("exporter"):
+                self._exporter.close()
+            self._exporter = None
+        if self._registered:
+            self._registered = False
+            try:
+                self.options.registry.unregister(self.metrics)
+            except KeyError:
+                pass
+        logger.info("loopwatch.uninstalled")
+
+    def _degrade(self, feature: str, reason: str) -> None:
+        self._degraded.append(f"{feature}: {reason}")
+        logger.warning("loopwatch.degraded", feature=feature, reason=reason)
+
+    def _start_exporter(self) -> None:
+        ports = self.options.metrics_ports
+        exporter = Exporter(self.options.metrics_addr, ports, self.options.registry)
+        try:
+            exporter.start()
+        except OSError as exc:
+            self.metrics.count_error("exporter")
+            where = f"{self.options.metrics_addr}:{self.options.metrics_port_text}"
+            if len(ports) > 1 and exc.errno == errno.EADDRINUSE:
+                why = f"no free port in the range {self.options.metrics_port_text} ({exc.strerror or exc})"
+            else:
+                why = str(exc.strerror or exc)
+            self._degrade("exporter", f"cannot serve /metrics on {where}: {why}; metrics are "
+                                      f"still collected in the registry")
+            return
+        self._exporter = exporter
+
+    def _open_native(self) -> None:
+        try:
+            created_ms = int(psutil.Process().create_time() * 1000)
+            native = NativeWatch(self.options.dump_dir, pid=os.getpid(), created_ms=created_ms,
+                                 service=self.options.service, probe_interval=self.options.probe_interval,
+                                 dump_threshold=self.options.dump_threshold)
+            native.open()
+        except (OSError, psutil.Error) as exc:
+            self.metrics.count_error("faulthandler")
+            self._degrade("faulthandler", f"cannot open the in-flight stack file: {exc}")
+            return
+        self._native = native
+
+    # -- loops -----------------------------------------------------------------------------------
+    def probes(self) -> tuple[LoopProbe, ...]:
+        return self._probes
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> LoopProbe | None:
+        """Watch ``loop`` (or resume watching it).  Must be called in the loop's thread."""
+        if self.fork_pending:
+            _fork.resume(self)
+        with self._lock:
+            for probe in self._probes:
+                if probe.loop is loop:
+                    if not probe.running:
+                        probe.resume()
+                        self._poke_if_polled(probe)
+                    return probe
+            for closed in [p for p in self._probes if p.closed]:
+                self._detach_locked(closed)
+            if len(self._probes) >= MAX_LOOPS:
+                self.guard.report("probe", RuntimeError(f"more than {MAX_LOOPS} loops; not watching more"))
+                return None
+            probe = LoopProbe(loop, self._new_label(), interval=self.options.probe_interval,
+                              late_threshold=self.options.dump_threshold, observe=self.metrics.observe_delay,
+                              on_error=lambda exc: self.guard.report("probe", exc),
+                              on_collected=self._on_collected, clock=self._clock)
+            self.metrics.add_loop(probe.label)
+            probe.activity = self._activity_for(loop, probe)
+            native = self._native
+            owner = self._native_owner
+            if native is not None and (owner is None or not owner.running or owner.closed):
+                if owner is not None:
+                    owner.on_beat = None
+                self._native_owner = probe
+                native.set_loop_thread(probe.thread_ident)
+                probe.on_beat = native.arm
+            self._probes = (*self._probes, probe)
+        probe.start()
+        with self.guard("hooks"):
+            self.task_health.attach(probe)
+        self._poke_if_polled(probe)
+        return probe
+
+    def attach_current_loop(self) -> None:
+        """Attach the loop running in this thread, if any (``install()`` called again inside a loop)."""
+        if self.fork_pending:
+            _fork.resume(self)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.attach(loop)
+
+    def _poke_if_polled(self, probe: LoopProbe) -> None:
+        """A loop that faulthandler does not cover needs a watchdog deadline from now on."""
+        if self.native_for(probe) is None or not self.watchdog.covered:
+            self.watchdog.poke()
+
+    def _new_label(self) -> str:
+        thread = threading.current_thread()
+        base = "main" if thread is threading.main_thread() else re.sub(r"\s+", "_", thread.name)[:64]
+        taken = {p.label for p in self._probes}
+        label, n = base, 2
+        while label in taken:
+            label, n = f"{base}-{n}", n + 1
+        return label
+
+    def detach(self, probe: LoopProbe) -> None:
+        """Stop watching ``probe``'s loop (it was closed): its series disappear."""
+        with self._lock:
+            self._detach_locked(probe)
+
+    def _detach_locked(self, probe: LoopProbe) -> None:
+        if probe not in self._probes:
+            return
+        self._probes = tuple(p for p in self._probes if p is not probe)
+        probe.stop()
+        self.task_health.detach(probe)
+        if probe.activity is not None:
+            probe.activity.uninstall()
+        self.metrics.remove_loop(probe.label)
+        self.slow_metrics.remove_loop(probe.label)
+        self.slow.counts.pop(probe.label, None)
+        if self._native_owner is probe:
+            self._native_owner = None
+            probe.on_beat = None
+            if self._native is not None:
+                self._native.cancel()
+
+    def _activity_for(self, loop: asyncio.AbstractEventLoop, probe: LoopProbe) -> IterationTimer | CpuBusy:
+        """Time the loop's iterations (stdlib), or fall back to the loop thread's CPU time (uvloop)."""
+        self.slow_metrics.add_loop(probe.label)
+        timer = IterationTimer(loop, probe.label, self.slow,
+                               exact_always=self.options.slow_callback_mode == "exact",
+                               enabled=self.options.slow_callback_mode != "off",
+                               stall_label=probe.take_stall_callback)
+        if timer.install():
+            return timer
+        return CpuBusy(probe.thread_ident, probe.native_id)
+
+    def _log_slow(self, event: SlowCallback) -> None:
+        fields = dataclasses.asdict(event)
+        fields["duration"] = round(event.duration, 6)
+        fields["callback"] = fields.pop("label")
+        emit("warning", "loopwatch.slow_callback", **fields)
+
+    def _on_collected(self, probe: LoopProbe) -> None:
+        """The loop was garbage-collected (weakref callback, any thread, maybe inside the GC)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                with self.guard("probe"):
+                    self._detach_locked(probe)
+            finally:
+                self._lock.release()
+        else:
+            self.watchdog.poke()  # the watchdog detaches it
+
+    def _on_loop_start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.started:
+            self.attach(loop)
+
+    def _on_loop_stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        for probe in self._probes:
+            if probe.loop is loop:
+                probe.pause()
+                if probe is self._native_owner and self._native is not None:
+                    self._native.cancel()
+
+    @property
+    def native(self) -> NativeWatch | None:
+        return self._native
+
+    def native_for(self, probe: LoopProbe) -> NativeWatch | None:
+        return self._native if probe is self._native_owner else None
+
+    def _live_lag(self) -> Iterator[tuple[str, float]]:
+        try:
+            now = self._clock()
+            values = [(p.label, p.lag(now) if p.running else 0.0) for p in self._probes]
+        except Exception as exc:  # noqa: BLE001 - a scrape must never fail because of us
+            self.guard.report("collector", exc)
+            return iter(())
+        return iter(values)
+
+    # -- dumps -----------------------------------------------------------------------------------
+    def build_dump(self, reason: str, *, loop: str | None, stall_seconds: float | None,
+                   loop_stack: list[dict[str, Any]], threads: list[dict[str, Any]],
+                   tasks: list[dict[str, Any]], source: str, kind: str | None = None,
+                   cpu_seconds: float | None = None, note: str | None = None,
+                   **overrides: Any) -> dict[str, Any]:
+        dump: dict[str, Any] = {
+            "reason": reason,
+            "timestamp": time.time(),
+            "stall_seconds": None if stall_seconds is None else round(stall_seconds, 6),
+            "service": self.options.service,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "loop": loop,
+            "kind": kind,
+            "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 6),
+            "source": source,
+            "culprit": _frames.culprit_of(loop_stack),
+            "loop_stack": loop_stack,
+            "threads": threads,
+            "tasks": tasks,
+            "python": platform.python_version(),
+            "loopwatch": __version__,
+            "note": note,
+        }
+        dump.update(overrides)
+        return dump
+
+    def write_dump(self, dump: dict[str, Any]) -> Path | None:
+        """Write a dump from the agent's own threads: failures are counted and logged, never raised."""
+        try:
+            path = self.writer.write(dump)
+        except OSError as exc:
+            self.guard.report("dump", exc, dump_dir=str(self.options.dump_dir))
+            return None
+        self._after_write(dump, path)
+        return path
+
+    def _after_write(self, dump: dict[str, Any], path: Path) -> None:
+        self.metrics.count_dump(dump["reason"])
+        culprit = dump.get("culprit")
+        emit("warning", "loopwatch.dump", reason=dump["reason"], path=str(path), loop=dump.get("loop"),
+                       stall_seconds=dump.get("stall_seconds"), source=dump.get("source"),
+                       culprit=None if not culprit else
+                       f"{culprit['filename']}:{culprit['lineno']} in {culprit['function']}")
+
+    def dump(self, reason: str = "manual") -> Path:
+        """Write a dump now (from any thread); raises ``RuntimeError`` if dumps are disabled."""
+        if not self.started:
+            raise RuntimeError("loopwatch is not installed")
+        if not self.writer.enabled:
+            raise RuntimeError(f"loopwatch dumps are disabled: {self.writer.disabled_reason}")
+        frames = _frames.current_frames()
+        here = threading.get_ident()
+        probes = self._probes
+        probe = next((p for p in probes if p.thread_ident == here), probes[0] if probes else None)
+        loop_stack = _frames.stack_of(frames.get(probe.thread_ident)) if probe else []
+        threads = _frames.all_thread_stacks(frames)
+        del frames
+        loop = probe.loop if probe is not None else None
+        tasks = _frames.task_stacks(loop) if loop is not None and not loop.is_closed() else []
+        lag = max(0.0, self._clock() - probe.expected_at) if probe is not None and probe.running else None
+        dump = self.build_dump(safe_reason(reason), loop=probe.label if probe else None, stall_seconds=lag,
+                               loop_stack=loop_stack, threads=threads, tasks=tasks, source="manual")
+        path = self.writer.write(dump)
+        self._after_write(dump, path)
+        return path
+
+    def _convert_leftovers(self) -> None:
+        """Turn in-flight files left by processes that died mid-stall into ``unfinished_stall`` dumps."""
+        own = self._native.path if self._native is not None else None
+        for path in sorted(self.options.dump_dir.glob(f"{INFLIGHT_PREFIX}*.txt")):
+            if path == own:
+                continue
+            try:
+                text = path.read_text("utf-8", "replace")
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            header = parse_header(text)
+            if header is None or _process_alive(int(header["pid"]), int(header["created_ms"])):
+                continue
+            body = text.split("\n", 1)[1] if "\n" in text else ""
+            blocks = _frames.split_faulthandler(body)
+            if blocks:
+                stacks = _frames.parse_faulthandler(blocks[-1])
+                loop_thread = header["loop_thread"]
+                timeout = _timeout_of(blocks[-1])
+                interval = float(header["probe_interval"])  # type: ignore[arg-type]
+                dump = self.build_dump(
+                    "unfinished_stall", loop=None,
+                    stall_seconds=None if timeout is None else max(0.0, timeout - interval),
+                    loop_stack=stacks.get(loop_thread, []) if isinstance(loop_thread, int) else [],
+                    threads=[_frames.thread_entry(i, s, {}) for i, s in sorted(stacks.items())],
+                    tasks=[], source="faulthandler", pid=header["pid"], service=header["service"],
+                    timestamp=mtime, hostname=None, python=None, loopwatch=None,
+                    note="the process ended during this stall (killed, e.g. by a liveness probe, or "
+                         "crashed); faulthandler wrote this stack while the stall was going on")
+                self.write_dump(dump)
+            path.unlink(missing_ok=True)
+
+    # -- inspection ------------------------------------------------------------------------------
+    @property
+    def metrics_url(self) -> str | None:
+        """The built-in exporter's URL, or ``None`` (port 0, or it could not bind)."""
+        return self._exporter.url if self._exporter is not None else None
+
+    def snapshot(self) -> AgentSnapshot:
+        now = self._clock()
+        loops = tuple(LoopSnapshot(p.label, p.thread_name, p.running, p.lag(now) if p.running else 0.0,
+                                   p.last_delay) for p in self._probes)
+        return AgentSnapshot(self.metrics_url, self.options.dump_dir, self.writer.enabled,
+                             tuple(self._degraded), loops, pid=os.getpid())
+
+
+def _process_alive(pid: int, created_ms: int) -> bool:
+    try:
+        return abs(psutil.Process(pid).create_time() * 1000 - created_ms) < 1000
+    except psutil.Error:
+        return False
+
+
+_TIMEOUT = re.compile(r"^Timeout \((\d+):(\d+):(\d+(?:\.\d+)?)\)!", re.M)
+
+
+def _timeout_of(block: str) -> float | None:
+    match = _TIMEOUT.search(block)
+    if not match:
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)

@@ -1,0 +1,241 @@
+"""Options: defaults, ``LOOPWATCH_*`` environment variables and validation, in one place.
+
+Explicit keyword arguments win over the environment, which wins over the defaults.  Every value is
+validated here, once, so the rest of the agent can trust :class:`Options`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from ._errors import ConfigError
+
+ENV_PREFIX = "LOOPWATCH_"
+_METRIC_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_TRUE = {"1", "true", "yes", "on"}
+SLOW_CALLBACK_MODES = ("auto", "exact", "off")
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _default_service() -> str:
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    path = Path(argv0) if argv0 and argv0 != "-c" else None
+    if path is None:
+        return "python"
+    return (path.parent.name if path.stem == "__main__" else path.stem) or "python"
+
+
+def _default_dump_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "loopwatch"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The agent's validated configuration (see the README's configuration table)."""
+
+    namespace: str = "loopwatch"
+    service: str = dataclasses.field(default_factory=_default_service)
+    metrics_port: int | tuple[int, int] = 9320  # a port, 0 (no exporter), or a range (first, last)
+    metrics_addr: str = "0.0.0.0"
+    registry: Any = dataclasses.field(default=REGISTRY, compare=False, repr=False)
+    probe_interval: float = 0.5
+    lag_thresholds: tuple[float, ...] = (0.5, 2.0, 10.0)
+    dump_dir: Path = dataclasses.field(default_factory=_default_dump_dir)
+    dump_cooldown: float = 60.0
+    dump_keep: int = 20
+    faulthandler: bool = True
+    slow_callback_threshold: float = 0.1
+    slow_callback_mode: str = "auto"
+
+    @property
+    def dump_threshold(self) -> float:
+        """Lag at which a stall is dumped: the smallest threshold."""
+        return self.lag_thresholds[0]
+
+    @property
+    def metrics_ports(self) -> range:
+        """The ports the exporter may bind, in order (empty for ``metrics_port=0``)."""
+        port = self.metrics_port
+        if isinstance(port, tuple):
+            return range(port[0], port[1] + 1)
+        return range(port, port + 1) if port else range(0)
+
+    @property
+    def metrics_port_text(self) -> str:
+        """``"9320"`` or ``"9320-9329"``: how messages name the port or the range."""
+        port = self.metrics_port
+        return f"{port[0]}-{port[1]}" if isinstance(port, tuple) else str(port)
+
+    @property
+    def watchdog_interval(self) -> float:
+        """How often the watchdog thread looks at the heartbeats."""
+        return min(0.1, self.lag_thresholds[0] / 5)
+
+
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Options))
+
+
+def _fail(name: str, source: str | None, accepted: str, value: Any) -> ConfigError:
+    where = f" (from {source})" if source else ""
+    return ConfigError(f"{name}{where} must be {accepted}, got {value!r}")
+
+
+def _number(name: str, value: Any, source: str | None, *, low: float, high: float,
+            low_inclusive: bool = False, what: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _fail(name, source, what, value) from None
+    too_low = number < low if low_inclusive else number <= low
+    if math.isnan(number) or too_low or number > high:
+        raise _fail(name, source, what, value)
+    return number
+
+
+def _integer(name: str, value: Any, source: str | None, *, low: int, high: int, what: str) -> int:
+    if isinstance(value, str):
+        try:
+            value_int = int(value.strip())
+        except ValueError:
+            raise _fail(name, source, what, value) from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value_int = value
+    else:
+        raise _fail(name, source, what, value)
+    if not low <= value_int <= high:
+        raise _fail(name, source, what, value)
+    return value_int
+
+
+_PORT_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+def _metrics_port(value: Any, source: str | None) -> int | tuple[int, int]:
+    """A port (``9320``, ``"9320"``), ``0``, or a range: ``"9320-9329"`` or ``(9320, 9329)``."""
+    name = "metrics_port"
+    range_what = "a port range 'FIRST-LAST' with 1 <= FIRST <= LAST <= 65535"
+    is_range = isinstance(value, tuple) or (isinstance(value, str) and "-" in value.strip()[1:])
+    if not is_range:
+        return _integer(name, value, source, low=0, high=65535,
+                        what="an integer port in 0..65535 (0 = no built-in exporter)")
+    if isinstance(value, str):
+        match = _PORT_RANGE.match(value)
+        if not match:
+            raise _fail(name, source, range_what, value)
+        first, last = int(match.group(1)), int(match.group(2))
+    else:
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise _fail(name, source, range_what, value)
+        first, last = value
+    if not 1 <= first <= last <= 65535:
+        raise _fail(name, source, range_what, value)
+    return (first, last)
+
+
+def _thresholds(value: Any, source: str | None) -> tuple[float, ...]:
+    what = "increasing positive seconds"
+    items: Any = value
+    if isinstance(value, str):
+        items = [part for part in re.split(r"[,\s]+", value.strip().strip("()[]")) if part]
+    if not isinstance(items, Iterable) or isinstance(items, (bytes, Mapping)):
+        raise _fail("lag_thresholds", source, what, value)
+    numbers: list[float] = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise TypeError
+            numbers.append(float(item))
+        except (TypeError, ValueError):
+            raise _fail("lag_thresholds", source, what, value) from None
+    shown = value if isinstance(value, str) else tuple(numbers)
+    if any(math.isnan(n) or math.isinf(n) or n <= 0 for n in numbers):
+        raise _fail("lag_thresholds", source, what, shown)
+    if any(b <= a for a, b in zip(numbers, numbers[1:])):
+        raise _fail("lag_thresholds", source, what, shown)
+    if not 1 <= len(numbers) <= 8:
+        raise _fail("lag_thresholds", source, "1 to 8 increasing positive seconds", shown)
+    return tuple(numbers)
+
+
+def _boolean(name: str, value: Any, source: str | None) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _fail(name, source, "a boolean (true/false, 1/0, yes/no, on/off)", value)
+
+
+def _validate(name: str, value: Any, source: str | None) -> Any:
+    if name == "namespace":
+        if not isinstance(value, str) or not _METRIC_NAME.match(value) or ":" in value:
+            raise _fail(name, source, "a Prometheus metric name prefix ([a-zA-Z_][a-zA-Z0-9_]*)", value)
+        return value
+    if name == "service":
+        if not isinstance(value, str) or not value.strip() or len(value) > 128:
+            raise _fail(name, source, "a non-empty string of at most 128 characters", value)
+        return value
+    if name == "metrics_port":
+        return _metrics_port(value, source)
+    if name == "metrics_addr":
+        if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
+            raise _fail(name, source, "a host name or IP address to bind, e.g. '0.0.0.0' or '127.0.0.1'",
+                        value)
+        return value
+    if name == "registry":
+        if not isinstance(value, CollectorRegistry):
+            raise _fail(name, source, "a prometheus_client.CollectorRegistry", value)
+        return value
+    if name == "probe_interval":
+        return _number(name, value, source, low=0.001, high=60.0, low_inclusive=True,
+                       what="seconds between 0.001 and 60")
+    if name == "lag_thresholds":
+        return _thresholds(value, source)
+    if name == "dump_dir":
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
+            raise _fail(name, source, "a directory path", value)
+        return Path(os.fspath(value)).expanduser()
+    if name == "dump_cooldown":
+        return _number(name, value, source, low=0.0, high=86400.0, low_inclusive=True,
+                       what="seconds between 0 and 86400")
+    if name == "dump_keep":
+        return _integer(name, value, source, low=0, high=100000,
+                        what="an integer between 0 and 100000 (0 = no dumps)")
+    if name == "faulthandler":
+        return _boolean(name, value, source)
+    if name == "slow_callback_threshold":
+        return _number(name, value, source, low=0.001, high=60.0, low_inclusive=True,
+                       what="seconds between 0.001 and 60")
+    if name == "slow_callback_mode":
+        if not isinstance(value, str) or value.strip().lower() not in SLOW_CALLBACK_MODES:
+            raise _fail(name, source, "one of 'auto', 'exact', 'off'", value)
+        return value.strip().lower()
+    raise AssertionError(name)  # pragma: no cover - OPTION_NAMES and this function move together
+
+
+def resolve(explicit: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Options:
+    """Build :class:`Options` from explicit arguments, then ``LOOPWATCH_*`` variables, then defaults.
+
+    Raises :class:`ConfigError` naming the first invalid option.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in OPTION_NAMES:
+        if name in explicit and explicit[name] is not None:
+            values[name] = _validate(name, explicit[name], None)
+            continue
+        env_name = ENV_PREFIX + name.upper()
+        if name != "registry" and env_name in env:
+            values[name] = _validate(name, env[env_name], env_name)
+    return Options(**values)

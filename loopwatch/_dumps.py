@@ -1,0 +1,163 @@
+"""Dump files: atomic, mode 0600, rate-limited, and a bounded directory.
+
+Each dump is a JSON file (the contract, see the README) plus a ``.txt`` twin for humans.  Files are
+written to a temporary name in the same directory, fsynced and renamed, so a reader never sees half a
+dump.  At most ``dump_keep`` dumps are kept (oldest removed first); automatic dumps are at most one
+per ``dump_cooldown`` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._frames import format_stack
+
+PREFIX = "loopwatch-"
+_REASON = re.compile(r"[^a-z0-9_]+")
+
+
+def safe_reason(reason: str) -> str:
+    cleaned = _REASON.sub("_", str(reason).lower()).strip("_")[:40]
+    return cleaned or "unnamed"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def render_text(dump: dict[str, Any]) -> str:
+    """The human-readable twin of a dump."""
+    when = _dt.datetime.fromtimestamp(dump["timestamp"], _dt.timezone.utc).isoformat()
+    out = [f"loopwatch dump: {dump['reason']}",
+           f"service {dump.get('service')}  pid {dump.get('pid')}  at {when}"]
+    if dump.get("stall_seconds") is not None:
+        kind = dump.get("kind") or "unknown"
+        cpu = dump.get("cpu_seconds")
+        cpu_text = f", loop thread CPU {cpu:.3f} s" if isinstance(cpu, (int, float)) else ""
+        out.append(f"loop {dump.get('loop')!r} stalled for {dump['stall_seconds']:.3f} s when the stack "
+                   f"was taken (kind: {kind}{cpu_text}; source: {dump.get('source')})")
+    culprit = dump.get("culprit")
+    if culprit:
+        out.append(f"culprit: {culprit['filename']}:{culprit['lineno']} in {culprit['function']}")
+        if culprit.get("line"):
+            out.append(f"    {culprit['line']}")
+    else:
+        out.append("culprit: none found in application code")
+    out.append("")
+    out.append("Loop thread (most recent call last):")
+    out.append(format_stack(dump.get("loop_stack") or []))
+    for thread in dump.get("threads") or []:
+        out.append("")
+        out.append(f"Thread {thread.get('name')!r} native_id={thread.get('native_id')} "
+                   f"(most recent call last):")
+        out.append(format_stack(thread.get("stack") or []))
+    tasks = dump.get("tasks") or []
+    if tasks:
+        out.append("")
+        out.append(f"Tasks ({len(tasks)}):")
+        for task in tasks:
+            out.append(f"  {task['name']}: {task['coro']}")
+            out.append(format_stack(task.get("stack") or [], indent="    "))
+    if dump.get("note"):
+        out.append("")
+        out.append(f"note: {dump['note']}")
+    return "\n".join(out) + "\n"
+
+
+class DumpWriter:
+    """Owns ``dump_dir``: writes dumps, enforces the cooldown and the ``keep`` bound."""
+
+    def __init__(self, directory: Path, *, keep: int, cooldown: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.directory = directory
+        self.keep = keep
+        self.cooldown = cooldown
+        self._clock = clock
+        self._last_automatic: float | None = None
+        self._lock = threading.Lock()
+        self.disabled_reason: str | None = "dump_keep is 0" if keep == 0 else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.disabled_reason is None
+
+    def prepare(self) -> None:
+        """Create the directory (0700) and prove it is writable; disable dumps with a reason if not."""
+        if not self.enabled:
+            return
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            probe = self.directory / f".{PREFIX}write-test-{os.getpid()}"
+            write_private(probe, b"")
+            probe.unlink()
+        except OSError as exc:
+            self.disabled_reason = f"dump_dir {str(self.directory)!r} is not writable: {exc.strerror or exc}"
+
+    def disable(self, reason: str) -> None:
+        self.disabled_reason = reason
+
+    def claim_automatic(self) -> bool:
+        """True (and starts the cooldown) if an automatic dump may be written now."""
+        with self._lock:
+            now = self._clock()
+            if self._last_automatic is not None and now - self._last_automatic < self.cooldown:
+                return False
+            self._last_automatic = now
+            return True
+
+    def write(self, dump: dict[str, Any]) -> Path:
+        """Write ``dump`` (JSON and text twin) and prune the directory; returns the JSON path."""
+        stamp = _dt.datetime.fromtimestamp(dump["timestamp"], _dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        base = f"{PREFIX}{stamp}-{dump.get('pid', os.getpid())}-{safe_reason(dump['reason'])}"
+        with self._lock:
+            path = self.directory / f"{base}.json"
+            n = 1
+            while path.exists():
+                n += 1
+                path = self.directory / f"{base}-{n}.json"
+            write_private(path, json.dumps(dump, indent=2, default=str).encode())
+            write_private(path.with_suffix(".txt"), render_text(dump).encode())
+            self._prune()
+        return path
+
+    def existing(self) -> list[Path]:
+        """The dumps in the directory, oldest first."""
+        entries = []
+        for path in self.directory.glob(f"{PREFIX}*.json"):
+            try:
+                entries.append((path.stat().st_mtime, path.name, path))
+            except FileNotFoundError:
+                continue
+        return [path for _, _, path in sorted(entries)]
+
+    def _prune(self) -> None:
+        dumps = self.existing()
+        for path in dumps[: max(0, len(dumps) - self.keep)]:
+            for victim in (path, path.with_suffix(".txt")):
+                try:
+                    victim.unlink()
+                except FileNotFoundError:
+                    pass

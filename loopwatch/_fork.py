@@ -1,0 +1,233 @@
+"""Fork safety: an agent installed before ``fork()`` keeps working in the children.
+
+A pre-forking server (gunicorn with ``--preload``, or any process that forks workers) may install
+loopwatch in the parent.  The child is a copy of the parent with one thread -- the one that forked --
+so after ``fork()`` the agent there would be broken: its watchdog and exporter threads do not exist,
+the descriptors it holds (the exporter's listening socket, the watchdog's wake-up pipe and inotify
+descriptor, the faulthandler in-flight file) are the parent's, locks may be held by threads that are
+gone, and its counters hold the parent's counts.  ``os.register_at_fork`` handlers fix that:
+
+* **before** ``fork()`` (in the parent): take the exporter's scrape gate, the agent's lock and
+  structlog's write locks, so no scrape, attach or log line is half-done in the copy (a lock held by a
+  thread that is gone would block the child forever), and cancel faulthandler's timer.  That timer must not be
+  armed across ``fork()``: its C thread does not exist in the child, but its "running" lock is still
+  held, so the child's first ``dump_traceback_later``/``cancel_dump_traceback_later`` would wait for
+  that lock forever (checked on CPython 3.11: the child hangs).  The probes' re-arming is suspended
+  for the moment of the fork.
+* **after**, in the parent: release, and re-arm the timer for the loop that owns it.
+* **after**, in the child: forget what belongs to the parent -- close (never ``shutdown``) the
+  inherited listening socket, close the waker's descriptors and the in-flight file (it stays the
+  parent's: not removed), detach the parent's probes (its loops do not run in the child), replace the
+  locks and start every counter from zero (``Metrics.reset``, which also calls the ``reset`` that
+  features pass to ``Metrics.add_part``).  Nothing is started yet: the child is *dormant*.
+* The agent **resumes** in the child when a loop first starts there (the hooks attach it) or
+  ``install()`` is called there: a new watchdog thread (with a new waker), a new in-flight file named
+  after the child's pid, and the exporter on the first free port of ``metrics_port``'s range.  A child
+  that never runs a loop -- a ``ProcessPoolExecutor`` worker, a ``subprocess`` ``preexec_fn`` -- so
+  costs no thread and takes no port.
+
+``os.register_at_fork`` cannot unregister: the handlers are registered once per process and act on
+the current agent (``_current``), which ``Agent.stop()`` clears.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._log import emit
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+    from ._native import NativeWatch
+
+LOCK_TIMEOUT = 1.0  # never hold a fork up longer than this per lock (a stuck scrape, say)
+
+_current: Agent | None = None
+_registered = False
+_held: _Held | None = None
+
+
+def register(agent: Agent) -> None:
+    """Make ``agent`` the one the fork handlers act on (``Agent.start``)."""
+    global _current, _registered
+    _current = agent
+    if not _registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child)
+        _registered = True
+
+
+def unregister(agent: Agent) -> None:
+    """``Agent.stop``: the handlers do nothing for ``agent`` any more."""
+    global _current
+    if _current is agent:
+        _current = None
+
+
+class _Held:
+    """What the parent holds across one ``fork()``."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.parent_pid = os.getpid()
+        self.locks: list[Any] = []
+        self.log_locks: list[Any] = []
+        self.beats: list[tuple[Any, Callable[[], None]]] = []
+        self.cancelled = False
+
+    def acquire(self, lock: Any, into: list[Any] | None = None) -> None:
+        if lock.acquire(timeout=LOCK_TIMEOUT):
+            (self.locks if into is None else into).append(lock)
+
+    def release(self, locks: list[Any] | None = None) -> None:
+        for held in (self.log_locks, self.locks) if locks is None else (locks,):
+            while held:
+                try:
+                    held.pop().release()
+                except RuntimeError:
+                    pass
+
+
+def _before() -> None:
+    global _held
+    agent = _current
+    if agent is None or not agent.started:
+        return
+    held = _Held(agent)
+    _held = held
+    try:
+        exporter = agent._exporter
+        if exporter is not None:
+            held.acquire(exporter.gate)  # first: a scrape may need the agent's lock to finish
+        held.acquire(agent._lock)
+        native = agent._native
+        if native is not None:
+            for probe in agent._probes:
+                beat = probe.on_beat
+                if beat is not None:
+                    probe.on_beat = None
+                    held.beats.append((probe, beat))
+            native.cancel()  # after the above: the loop thread has no re-arm left to do before fork()
+            held.cancelled = True
+    except Exception as exc:  # noqa: BLE001 - never raise into the host
+        agent.guard.report("fork", exc)
+    # Last (nothing may log from here on in this thread): a line half-written by the watchdog at fork()
+    # would leave its lock held in the child, blocking every log line there.
+    for lock in _log_write_locks():
+        held.acquire(lock, held.log_locks)
+
+
+def _after_in_parent() -> None:
+    global _held
+    held, _held = _held, None
+    if held is None:
+        return
+    agent = held.agent
+    held.release(held.log_locks)  # first: the error report below logs
+    try:
+        for probe, beat in held.beats:
+            if probe.on_beat is None:
+                probe.on_beat = beat
+        native, owner = agent._native, agent._native_owner
+        if held.cancelled and native is not None and owner is not None and owner.running:
+            native.arm()
+    except Exception as exc:  # noqa: BLE001
+        agent.guard.report("fork", exc)
+    finally:
+        held.release()
+
+
+def _after_in_child() -> None:
+    global _held
+    held, _held = _held, None
+    agent = _current
+    if agent is None or not agent.started:
+        return
+    parent_pid = held.parent_pid if held is not None else os.getppid()
+    if held is not None:
+        held.release()  # the child's copies: this thread took them, and is the only one here
+    try:
+        _forget_parent(agent, parent_pid)
+    except Exception as exc:  # noqa: BLE001
+        agent.guard.report("fork", exc)
+
+
+def _forget_parent(agent: Agent, parent_pid: int) -> None:
+    """In the child: drop the parent's threads, descriptors, probes and counts (see the docstring)."""
+    # Fresh locks first: any of them may have been held by a thread that does not exist here.
+    agent._lock = threading.RLock()
+    agent.guard._lock = threading.Lock()
+    agent.writer._lock = threading.Lock()
+    agent.writer._last_automatic = None  # the parent's cooldown is not the child's
+    agent.metrics.reset()  # first: a failure below is counted in the child's own errors_total
+    agent.fork_pending = True
+    agent.parent_pid = parent_pid
+    exporter, agent._exporter = agent._exporter, None
+    if exporter is not None:
+        exporter.abandon()
+    watchdog = agent.watchdog
+    waker, watchdog.waker = watchdog.waker, None
+    watchdog.waker_note = None
+    if waker is not None:
+        waker.close()
+    native, agent._native = agent._native, None
+    agent._native_owner = None
+    if native is not None:
+        _forget_native(native)
+    for probe in agent._probes:
+        probe.on_beat = None
+        probe.late_beats.clear()  # the parent's stalls: not the child's to report
+        try:
+            agent._detach_locked(probe)  # the per-loop state of every feature goes with it
+        except Exception as exc:  # noqa: BLE001
+            agent.guard.report("fork", exc)
+        probe.stopped = True  # a pending beat on an inherited loop returns at once
+    agent._probes = ()
+    agent._degraded = [d for d in agent._degraded if not d.startswith(("exporter:", "faulthandler:"))]
+
+
+def _log_write_locks() -> list[Any]:
+    """structlog's per-file write locks (``PrintLogger``; private, so best effort): held across fork()
+    like the ``logging`` module holds its handlers' locks."""
+    try:
+        from structlog import _output
+
+        return list(getattr(_output, "WRITE_LOCKS", {}).values())
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _forget_native(native: NativeWatch) -> None:
+    """Close the child's copy of the in-flight file's descriptor: no cancel (the timer was cancelled
+    before fork, and cancelling one armed across fork hangs), no unlink (the file is the parent's)."""
+    forget = getattr(native, "forget", None)
+    if callable(forget):
+        forget()
+        return
+    fd = getattr(native, "_fd", None)
+    native._fd = None
+    if isinstance(fd, int):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def resume(agent: Agent) -> None:
+    """In a forked child, when a loop starts or ``install()`` is called: start the agent's own
+    threads again (see the module docstring).  Idempotent."""
+    with agent._lock:
+        if not agent.fork_pending or not agent.started:
+            return
+        agent.fork_pending = False
+        if agent.writer.enabled and agent.options.faulthandler:
+            agent._open_native()
+        if agent.options.metrics_port:
+            agent._start_exporter()
+        agent.watchdog.start(agent._native)
+        if agent._native is not None and agent.watchdog.waker_note is not None:
+            emit("info", "loopwatch.watchdog_polling", reason=agent.watchdog.waker_note)
+    emit("info", "loopwatch.forked", pid=os.getpid(), parent_pid=agent.parent_pid,
+         metrics_url=agent.metrics_url, dump_dir=str(agent.options.dump_dir))

@@ -1,0 +1,108 @@
+"""Learning when an event loop starts and stops running, so ``install()`` can come before any loop.
+
+asyncio's loops announce themselves through ``asyncio.events._set_running_loop`` (stdlib loops look it
+up at call time; uvloop captures it when it is imported).  We wrap it: a loop that starts running is
+attached (or resumed), one that stops is paused.  If uvloop was imported before ``install()`` -- so it
+holds the original function -- ``uvloop.Loop.run_forever`` (a Python-level subclass method) is wrapped
+instead.  Both patches are feature-detected and undone by :meth:`LoopHooks.uninstall`; the wrapper
+that uvloop may have captured becomes a plain pass-through once no agent is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.events as _events
+import sys
+from collections.abc import Callable
+from typing import Any
+
+LoopCallback = Callable[[asyncio.AbstractEventLoop], None]
+
+_original_set_running_loop = getattr(_events, "_set_running_loop", None)
+_callbacks: tuple[LoopCallback, LoopCallback, Callable[[BaseException], None]] | None = None
+
+
+def _notify(which: int, loop: asyncio.AbstractEventLoop) -> None:
+    callbacks = _callbacks
+    if callbacks is None:
+        return
+    try:
+        callbacks[which](loop)
+    except Exception as exc:  # noqa: BLE001 - never raise into the loop
+        try:
+            callbacks[2](exc)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _set_running_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Drop-in for ``asyncio.events._set_running_loop`` that tells the agent."""
+    if _original_set_running_loop is None:  # pragma: no cover - only installed when it exists
+        return
+    if loop is None:
+        previous = _events._get_running_loop()
+        _original_set_running_loop(None)
+        if previous is not None:
+            _notify(1, previous)
+    else:
+        _original_set_running_loop(loop)
+        _notify(0, loop)
+
+
+class LoopHooks:
+    """Installs and removes the patches described in the module docstring."""
+
+    def __init__(self, on_start: LoopCallback, on_stop: LoopCallback,
+                 on_error: Callable[[BaseException], None]) -> None:
+        self._callbacks = (on_start, on_stop, on_error)
+        self._patched: list[tuple[Any, str, Any]] = []
+        self.notes: list[str] = []
+
+    def install(self) -> None:
+        global _callbacks
+        _callbacks = self._callbacks
+        if _original_set_running_loop is None:
+            self.notes.append("asyncio.events._set_running_loop not found: loops are watched only "
+                              "when install() is called inside them")
+        else:
+            for module in (_events, asyncio):
+                if getattr(module, "_set_running_loop", None) is _original_set_running_loop:
+                    self._patch(module, "_set_running_loop", _set_running_loop)
+        uvloop = sys.modules.get("uvloop")
+        loop_class = getattr(uvloop, "Loop", None)
+        original_run_forever = getattr(loop_class, "run_forever", None)
+        if loop_class is not None and original_run_forever is not None:
+            def run_forever(self: Any) -> Any:
+                _notify(0, self)
+                try:
+                    return original_run_forever(self)
+                finally:
+                    _notify(1, self)
+            try:
+                self._patch(loop_class, "run_forever", run_forever)
+            except (TypeError, AttributeError):
+                self.notes.append("uvloop.Loop.run_forever cannot be wrapped: uvloop loops started "
+                                  "later are watched only when install() is called inside them")
+
+    def _patch(self, owner: Any, name: str, value: Any) -> None:
+        had_own = name in vars(owner)
+        original = vars(owner).get(name)
+        setattr(owner, name, value)
+        self._patched.append((owner, name, original if had_own else _MISSING))
+
+    def uninstall(self) -> None:
+        global _callbacks
+        if _callbacks is self._callbacks:
+            _callbacks = None
+        while self._patched:
+            owner, name, original = self._patched.pop()
+            if original is _MISSING:
+                try:
+                    delattr(owner, name)
+                except AttributeError:
+                    pass
+            else:
+                setattr(owner, name, original)
+
+
+_MISSING = object()

@@ -1,0 +1,153 @@
+"""The lag probe: a timer on the watched loop that measures how late it fires and stamps a heartbeat.
+
+It is a ``call_later`` chain, not a task, so it never shows up among the application's tasks and costs
+one timer callback per ``probe_interval``.  Its state is plain attributes that the watchdog thread and
+the scrape read without locks (each is a single reference, replaced atomically under the GIL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Beat:
+    """A late beat: the probe fired ``delay`` seconds after ``key`` (its due time)."""
+
+    key: float
+    delay: float
+    cpu_seconds: float | None  # the loop thread's CPU time between the previous beat and this one
+
+
+class LoopProbe:
+    """Heartbeat of one event loop (see the module docstring)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, label: str, *, interval: float,
+                 late_threshold: float, observe: Callable[[str, float], None],
+                 on_beat: Callable[[], None] | None = None, on_error: Callable[[BaseException], None],
+                 on_collected: Callable[[LoopProbe], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        # A weak reference: watching a loop never keeps it alive, and a loop that is closed and dropped
+        # (the end of asyncio.run) is forgotten at once, without the watchdog having to wake up.
+        self._loop_ref = weakref.ref(loop, None if on_collected is None else (lambda _: on_collected(self)))
+        self.label = label
+        self.interval = interval
+        self.thread_ident = threading.get_ident()
+        self.thread_name = threading.current_thread().name
+        self.native_id = threading.get_native_id()
+        self._late_threshold = late_threshold
+        self._observe = observe
+        self.on_beat = on_beat
+        self._on_error = on_error
+        self._clock = clock
+        self._handle: asyncio.TimerHandle | None = None
+        self._cpu_at_beat = time.thread_time()
+        self.expected_at = clock() + interval  # when the next beat is due
+        self.last_delay = 0.0
+        self.running = False
+        self.stopped = False
+        self.late_beats: collections.deque[Beat] = collections.deque(maxlen=64)
+        self.activity: Any = None  # the loop's iteration timer (_slow), set by the agent
+        self.stall_callback: tuple[str, str | None] | None = None  # set by the watchdog mid-stall
+
+    def take_stall_callback(self) -> tuple[str, str | None] | None:
+        """The callback the watchdog saw running mid-stall, as (label, culprit); read once."""
+        named, self.stall_callback = self.stall_callback, None
+        return named
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The watched loop, or ``None`` once it has been garbage-collected."""
+        return self._loop_ref()
+
+    @property
+    def closed(self) -> bool:
+        loop = self._loop_ref()
+        return loop is None or loop.is_closed()
+
+    def start(self) -> None:
+        """Arm the first beat.  Must be called in the loop's thread."""
+        self.stopped = False
+        self.running = True
+        self._schedule(self._clock())
+        if self.on_beat is not None:
+            self.on_beat()
+
+    def resume(self) -> None:
+        """The loop starts running again (after ``run_until_complete`` returned): re-arm from now."""
+        if self._handle is not None:
+            self._handle.cancel()
+        self._cpu_at_beat = time.thread_time()
+        if self.activity is not None:
+            self.activity.reset()
+        self.start()
+
+    def pause(self) -> None:
+        """The loop stopped running; its heartbeat is not a stall until it runs again.
+
+        Called in the loop's thread.  The pending beat is dropped: it would keep the loop alive.
+        """
+        self.running = False
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.cancel()
+
+    def stop(self) -> None:
+        """Stop beating; safe from any thread."""
+        self.stopped = True
+        self.running = False
+        handle = self._handle
+        if handle is None:
+            return
+        loop = self.loop
+        if threading.get_ident() == self.thread_ident:
+            handle.cancel()
+        elif loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(handle.cancel)
+            except RuntimeError:  # closed in between
+                pass
+
+    def lag(self, now: float) -> float:
+        """The current lag: how overdue the beat is, or the last beat's lateness if none is overdue."""
+        overdue = now - self.expected_at
+        return overdue if overdue > self.last_delay else self.last_delay
+
+    def _schedule(self, now: float) -> None:
+        self.expected_at = now + self.interval
+        loop = self.loop
+        if loop is not None:
+            self._handle = loop.call_later(self.interval, self._fire)
+
+    def _fire(self) -> None:
+        if self.stopped:
+            return
+        try:
+            now = self._clock()
+            key = self.expected_at
+            delay = now - key
+            if delay < 0.0:
+                delay = 0.0
+            cpu = time.thread_time()
+            if delay >= self._late_threshold:
+                self.late_beats.append(Beat(key, delay, cpu - self._cpu_at_beat))
+            self._cpu_at_beat = cpu
+            self.last_delay = delay
+            self._observe(self.label, delay)
+            if self.on_beat is not None:
+                self.on_beat()
+        except Exception as exc:  # noqa: BLE001 - never raise into the loop
+            self._on_error(exc)
+        finally:
+            if not self.stopped:
+                try:
+                    self._schedule(self._clock())
+                except Exception as exc:  # noqa: BLE001 - e.g. the loop is closing
+                    self._on_error(exc)

@@ -1,0 +1,326 @@
+"""Slow callbacks and loop utilization, without asyncio's debug mode.
+
+Timing every callback costs ~0.5 µs each (~10-25% of a callback-heavy loop), so by default loopwatch
+times **loop iterations** instead: on the stdlib loop it wraps the loop's selector ``select()`` (one
+instance attribute, undone on detach).  The time between ``select()`` returning and the next call is the
+iteration's busy time: summed, it is ``event_loop_busy_seconds_total``; an iteration busier than
+``slow_callback_threshold`` is a slow callback.  Naming it:
+
+* if the stall also crossed the first lag threshold, the watchdog took the loop thread's stack while it
+  was going on, and names the callback that was running;
+* otherwise it is counted as ``unattributed`` and **exact timing switches on** for that loop for
+  ``EXACT_WINDOW`` seconds (extended while slow callbacks keep coming): ``asyncio.events.Handle._run``
+  is wrapped and every callback of that loop is timed, so a slow callback that recurs -- the usual case
+  in production -- is named exactly, task name and coroutine included.  With ``slow_callback_mode=
+  "exact"`` it is always on.  The wrapper is removed when no loop needs it.
+
+uvloop's loop has no Python selector and its handles cannot be wrapped: there, busy time is the loop
+thread's on-CPU time (schedstat, read at scrape time) and only stalls past the first lag threshold are
+named (by the watchdog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.events as _events
+import functools
+import math
+import threading
+import time
+import types
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from ._cputime import ThreadClock
+from ._labels import TopN
+
+EXACT_WINDOW = 60.0  # seconds of exact timing after an unattributed slow iteration
+UNATTRIBUTED = "unattributed"
+_LOG_EVERY = 1.0  # at most one loopwatch.slow_callback event per callback label per second
+
+
+@dataclass(frozen=True)
+class SlowCallback:
+    """One slow callback (or iteration), as logged and counted."""
+
+    loop: str
+    duration: float
+    label: str  # the bounded ``callback`` label value
+    what: str  # "task_step", "callback" or "iteration"
+    task: str | None = None
+    coro: str | None = None
+    source: str | None = None  # file:line where the coroutine/function is defined
+    at: str | None = None  # file:line where the task stopped after the step (its next await)
+    culprit: str | None = None  # innermost application frame, when a stack was taken mid-stall
+
+
+def describe_callback(callback: Any) -> dict[str, Any]:
+    """What ran: task name and coroutine for task steps; function and its source otherwise."""
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        module = frame.f_globals.get("__name__") if frame is not None else None
+        qualname = getattr(coro, "__qualname__", type(coro).__name__)
+        return {
+            "what": "task_step",
+            "label": f"{module}.{qualname}" if module else qualname,
+            "task": owner.get_name(),
+            "coro": qualname,
+            "source": f"{code.co_filename}:{code.co_firstlineno}" if code is not None else None,
+            "at": f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else None,
+        }
+    while isinstance(callback, functools.partial):
+        callback = callback.func
+    function = getattr(callback, "__func__", callback)
+    code = getattr(function, "__code__", None)
+    qualname = getattr(callback, "__qualname__", None) or type(callback).__qualname__
+    module = getattr(callback, "__module__", None) or getattr(type(owner), "__module__", None)
+    return {
+        "what": "callback",
+        "label": f"{module}.{qualname}" if module else qualname,
+        "source": f"{code.co_filename}:{code.co_firstlineno}" if code is not None else None,
+    }
+
+
+def label_from_stack(frame: types.FrameType | None) -> str | None:
+    """The callback running on a loop thread, from its stack: the frame just inside ``Handle._run``."""
+    inner = None
+    while frame is not None:
+        if frame.f_code is _original_run.__code__ or frame.f_code is _timed_run.__code__:
+            if inner is None:
+                return None
+            module = inner.f_globals.get("__name__")
+            qualname = getattr(inner.f_code, "co_qualname", inner.f_code.co_name)
+            return f"{module}.{qualname}" if module else qualname
+        inner, frame = frame, frame.f_back
+    return None
+
+
+class SlowCallbacks:
+    """Per-agent accounting: the bounded ``callback`` counter, the histogram, the log rate limit."""
+
+    def __init__(self, threshold: float, *, observe: Callable[[str, float], None],
+                 log: Callable[[SlowCallback], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.counts: dict[str, TopN] = {}  # per loop label
+        self._clock_for_counts = clock
+        self._observe = observe
+        self._log = log
+        self._clock = clock
+        self._last_log: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def record(self, event: SlowCallback) -> None:
+        counts = self.counts.get(event.loop)
+        if counts is None:
+            counts = self.counts[event.loop] = TopN(20, clock=self._clock_for_counts)
+        counts.inc(event.label)
+        self._observe(event.loop, event.duration)
+        now = self._clock()
+        with self._lock:
+            last = self._last_log.get(event.label)
+            if last is not None and now - last < _LOG_EVERY:
+                return
+            if len(self._last_log) > 1000:
+                self._last_log.clear()
+            self._last_log[event.label] = now
+        self._log(event)
+
+
+# -- exact mode: Handle._run wrapped while some loop needs it ---------------------------------------
+_original_run = _events.Handle._run
+_exact: dict[int, IterationTimer] = {}  # id(loop) -> its timer, while in exact mode
+_exact_lock = threading.Lock()
+
+
+def _timed_run(self: asyncio.Handle) -> None:
+    timer = _exact.get(id(self._loop))  # type: ignore[attr-defined]
+    if timer is None:
+        return _original_run(self)
+    start = time.perf_counter()
+    try:
+        return _original_run(self)
+    finally:
+        elapsed = time.perf_counter() - start
+        if elapsed >= timer.threshold:
+            timer.exact_slow(self, elapsed)
+
+
+def _set_exact(timer: IterationTimer, on: bool) -> None:
+    with _exact_lock:
+        if on:
+            _exact[timer.key] = timer
+        elif _exact.get(timer.key) is timer:
+            del _exact[timer.key]
+        wanted = _timed_run if _exact else _original_run
+        if _events.Handle.__dict__.get("_run") is not wanted:
+            _events.Handle._run = wanted  # type: ignore[method-assign]
+
+
+class IterationTimer:
+    """Times one stdlib loop's iterations through its selector (see the module docstring)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, label: str, slow: SlowCallbacks, *,
+                 exact_always: bool, enabled: bool = True,
+                 stall_label: Callable[[], tuple[str, str | None] | None]) -> None:
+        self._loop_ref = weakref.ref(loop)
+        self.key = id(loop)  # the exact-mode key (the loop itself is not kept alive)
+        self.label = label
+        self.threshold = slow.threshold if enabled else math.inf
+        self._slow = slow
+        self._exact_always = exact_always
+        self._stall_label = stall_label
+        self.busy_seconds = 0.0
+        self.in_select = False
+        self._iteration_start = time.perf_counter()
+        self._exact_until = 0.0
+        self._exact_on = False
+        self._selector: Any = None
+        self._original_select: Any = None
+        self.saw_exact_slow = False
+
+    def install(self) -> bool:
+        """Wrap the selector; False (nothing changed) where the loop has no Python selector."""
+        loop = self._loop_ref()
+        selector = getattr(loop, "_selector", None)
+        original = getattr(selector, "select", None)
+        if selector is None or not callable(original) or not hasattr(selector, "__dict__"):
+            return False
+        self._selector, self._original_select = selector, original
+        selector.select = self._select
+        self._iteration_start = time.perf_counter()
+        if self._exact_always:
+            self._exact_on = True
+            _set_exact(self, True)
+        return True
+
+    def uninstall(self) -> None:
+        if self._selector is not None and self._selector.__dict__.get("select") == self._select:
+            del self._selector.select
+        self._selector = None
+        if self._exact_on:
+            self._exact_on = False
+            _set_exact(self, False)
+
+    def reset(self) -> None:
+        """The loop (re)starts running: time outside it is not busy time."""
+        self._iteration_start = time.perf_counter()
+
+    def busy_now(self) -> float:
+        """Busy seconds so far, including the iteration in progress (grows live during a stall)."""
+        if self.in_select:
+            return self.busy_seconds
+        return self.busy_seconds + max(0.0, time.perf_counter() - self._iteration_start)
+
+    def _select(self, timeout: float | None = None) -> Any:
+        start = time.perf_counter()
+        busy = start - self._iteration_start
+        self.busy_seconds += busy
+        self.in_select = True
+        if busy >= self.threshold:
+            self._slow_iteration(busy)
+        elif self._exact_on and not self._exact_always and start > self._exact_until:
+            self._exact_on = False
+            _set_exact(self, False)
+        try:
+            return self._original_select(timeout)
+        finally:
+            self._iteration_start = time.perf_counter()
+            self.in_select = False
+
+    def _slow_iteration(self, busy: float) -> None:
+        try:
+            if self._exact_on:
+                exact_seen, self.saw_exact_slow = self.saw_exact_slow, False
+                self._exact_until = time.perf_counter() + EXACT_WINDOW
+                if exact_seen:
+                    return  # counted per callback by _timed_run
+            named = self._stall_label()  # the watchdog saw this one mid-stall: (label, culprit)
+            self._slow.record(SlowCallback(self.label, busy, named[0] if named else UNATTRIBUTED,
+                                           "iteration", culprit=named[1] if named else None))
+            if not self._exact_on:
+                self._exact_on = True
+                self._exact_until = time.perf_counter() + EXACT_WINDOW
+                _set_exact(self, True)
+        except Exception:  # noqa: BLE001 - never raise into the loop
+            pass
+
+    def exact_slow(self, handle: asyncio.Handle, elapsed: float) -> None:
+        try:
+            self.saw_exact_slow = True
+            info = describe_callback(handle._callback)  # type: ignore[attr-defined]
+            self._slow.record(SlowCallback(self.label, elapsed, info.pop("label"), info.pop("what"), **info))
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class CpuBusy:
+    """Where iterations cannot be timed (uvloop): the loop thread's on-CPU time stands in for busy time.
+
+    It misses time a callback spends blocked in a syscall (a sync DB call waiting on the network).
+    """
+
+    def __init__(self, ident: int, native_id: int | None) -> None:
+        self._clock = ThreadClock(ident, native_id)
+        first = self._clock.sample(0.0).cpu
+        self._base = first if first is not None else 0.0
+
+    def busy_now(self) -> float | None:
+        cpu = self._clock.sample(0.0).cpu
+        return None if cpu is None else max(0.0, cpu - self._base)
+
+    def reset(self) -> None:
+        pass
+
+    def uninstall(self) -> None:
+        pass
+
+
+class SlowCallbackMetrics:
+    """``slow_callbacks_total{loop, callback}``, ``slow_callback_duration_seconds{loop}`` and
+    ``event_loop_busy_seconds_total{loop}``, as one metrics part."""
+
+    def __init__(self, metrics: Any, probes: Callable[[], Any]) -> None:
+        self._metrics = metrics
+        self._probes = probes
+        self.histogram = Histogram(
+            "slow_callback_duration_seconds", "Durations of callbacks over slow_callback_threshold.",
+            ["service", "loop"], namespace=metrics.namespace, registry=None,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
+
+    def observe(self, loop: str, duration: float) -> None:
+        self.histogram.labels(self._metrics.service, loop).observe(duration)
+
+    def add_loop(self, loop: str) -> None:
+        self.histogram.labels(self._metrics.service, loop)
+
+    def remove_loop(self, loop: str) -> None:
+        try:
+            self.histogram.remove(self._metrics.service, loop)
+        except KeyError:
+            pass
+
+    def collect(self, counts: dict[str, TopN]) -> list[Metric]:
+        service = self._metrics.service
+        slow = self._metrics.family(CounterMetricFamily, "slow_callbacks",
+                                    "Callbacks over slow_callback_threshold, by callback (top 20, rest in "
+                                    "'other').", ["loop", "callback"])
+        for loop, per_loop in list(counts.items()):
+            for callback, value in per_loop.items():
+                slow.add_metric([service, loop, callback], value)
+        busy = self._metrics.family(CounterMetricFamily, "event_loop_busy_seconds",
+                                    "Time the loop spent running callbacks rather than waiting for I/O; "
+                                    "rate() is utilization.", ["loop"])
+        for probe in self._probes():
+            activity = getattr(probe, "activity", None)
+            value = activity.busy_now() if activity is not None else None
+            if value is not None:
+                busy.add_metric([service, probe.label], value)
+        return [slow, *self.histogram.collect(), busy]

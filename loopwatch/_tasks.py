@@ -1,0 +1,277 @@
+"""Task health: live tasks per loop, exceptions that reach a loop's exception handler, tasks destroyed
+while still pending, and the depth of the asyncio queues the application asks us to watch.
+
+* **Live tasks** are counted at scrape time, in the scraping thread, with ``asyncio.all_tasks(loop)``:
+  nothing runs on the loop and no timer is added.  Reading the task set from another thread can fail with
+  ``RuntimeError: Set changed size during iteration``; the count is retried a few times, then that loop
+  is left out of that scrape and ``errors_total{component="collector"}`` is counted.
+* **Exceptions** are seen by chaining each watched loop's exception handler: when a probe attaches, the
+  loop *instance* gets its own ``call_exception_handler`` attribute (a :class:`_ChainedHandler`) that
+  counts the event and then calls what was there before -- the class's method, which runs the handler
+  the application set with ``loop.set_exception_handler`` (before or after us: it is looked up at call
+  time), or the default handler that logs.  Every caller goes through that attribute: asyncio's
+  ``Handle._run`` and transports (``self._loop.call_exception_handler``), the C ``_asyncio`` finalizers of
+  futures and tasks ("exception was never retrieved", "Task was destroyed but it is pending!": a method
+  call by name), and uvloop's Cython loop (attribute lookups on ``self``/``self.loop``).  The wrapper
+  holds its loop weakly (no reference cycle: a dropped loop is still freed at once) and is removed when
+  the probe is detached or the agent stops; if someone wrapped the attribute on top of ours meanwhile,
+  ours is switched to a pure pass-through instead, so their wrapper keeps working.
+* **Queues** registered with :func:`loopwatch.watch_queue` are held through weak references and read
+  (``qsize()``, ``maxsize``) at scrape time; a collected queue's series disappear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ._errors import ConfigError
+from ._labels import TopN
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+    from ._probe import LoopProbe
+
+DESTROYED_PENDING = "Task was destroyed but it is pending"
+ALL_TASKS_TRIES = 3
+MAX_QUEUES = 1000
+MAX_QUEUE_NAME = 128
+EXCEPTION_LABELS = 20  # exception types exported under their own name; the rest is "other"
+_NAME_CACHE_MAX = 1024
+
+
+def qualified_name(kind: type[BaseException]) -> str:
+    """``ValueError`` for builtins, else ``module.QualName`` (``json.decoder.JSONDecodeError``)."""
+    qualname = getattr(kind, "__qualname__", None) or getattr(kind, "__name__", None) or "unknown"
+    module = getattr(kind, "__module__", None)
+    if not isinstance(module, str) or module == "builtins":
+        return str(qualname)
+    return f"{module}.{qualname}"
+
+
+class _ChainedHandler:
+    """A loop instance's ``call_exception_handler``: count, then call what was there before."""
+
+    __slots__ = ("_loop_ref", "_count", "previous", "active")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: Callable[[Any], None],
+                 previous: Callable[[dict[str, Any]], Any] | None) -> None:
+        self._loop_ref = weakref.ref(loop)
+        self._count = count
+        self.previous = previous  # an instance attribute someone set before us, else None (the method)
+        self.active = True
+
+    def __call__(self, context: dict[str, Any]) -> Any:
+        if self.active:
+            self._count(context)  # never raises
+        previous = self.previous
+        if previous is not None:
+            return previous(context)
+        loop = self._loop_ref()
+        if loop is None:  # pragma: no cover - the caller holds the loop
+            return None
+        return type(loop).call_exception_handler(loop, context)
+
+
+class TaskHealth:
+    """The task-health part of an agent's metrics (see the module docstring)."""
+
+    def __init__(self, agent: Agent, *,
+                 all_tasks: Callable[[asyncio.AbstractEventLoop], Iterable[Any]] = asyncio.all_tasks,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self._agent = agent
+        self._metrics = agent.metrics
+        self._all_tasks = all_tasks
+        self._wall_clock = wall_clock
+        self._exceptions = TopN(EXCEPTION_LABELS)
+        self._names: dict[type, str] = {}
+        self._lock = threading.Lock()
+        self._last_exception = 0.0
+        self._destroyed_pending = 0
+        self._handlers: dict[LoopProbe, _ChainedHandler] = {}
+        self._queues: dict[str, weakref.ref[asyncio.Queue[Any]]] = {}
+        self._degraded = False
+        agent.metrics.add_part("collector", self.collect, reset=self.reset)
+
+    def reset(self) -> None:
+        """A forked child (``Metrics.reset``): counts from zero and fresh locks -- one held by another
+        thread at ``fork()`` would never be released.  Watched queues stay watched (the child has them too)."""
+        self._lock = threading.Lock()
+        self._exceptions = TopN(EXCEPTION_LABELS)
+        self._last_exception = 0.0
+        self._destroyed_pending = 0
+
+    # -- exception handler chaining ---------------------------------------------------------------
+    def attach(self, probe: LoopProbe) -> None:
+        """Chain ``probe``'s loop's exception handler (called in the loop's thread, by ``Agent.attach``)."""
+        loop = probe.loop
+        if loop is None or probe in self._handlers:
+            return
+        try:
+            previous = vars(loop).get("call_exception_handler")
+            handler = _ChainedHandler(loop, self._count, previous)
+            loop.call_exception_handler = handler  # type: ignore[method-assign]
+            if vars(loop).get("call_exception_handler") is not handler:
+                raise AttributeError("the assignment did not take")
+        except (TypeError, AttributeError) as exc:
+            if not self._degraded:
+                self._degraded = True
+                self._agent._degrade("task_exceptions", f"cannot chain {type(loop).__qualname__}."
+                                     f"call_exception_handler ({exc}): task exceptions are not counted")
+            return
+        self._handlers[probe] = handler
+
+    def detach(self, probe: LoopProbe) -> None:
+        """Undo the chaining for ``probe`` (any thread, maybe inside the GC: no locks)."""
+        handler = self._handlers.pop(probe, None)
+        if handler is not None:
+            _unchain(handler)
+
+    def stop(self) -> None:
+        """Undo every chaining and forget the watched queues (``Agent.stop``)."""
+        while self._handlers:
+            try:
+                _, handler = self._handlers.popitem()
+            except KeyError:  # emptied by a concurrent detach
+                break
+            _unchain(handler)
+        with self._lock:
+            self._queues.clear()
+
+    def _count(self, context: Any) -> None:
+        """Runs inside the loop's exception handler: cheap, and never raises."""
+        try:
+            exc = context.get("exception")
+            if isinstance(exc, BaseException):
+                kind = type(exc)
+                name = self._names.get(kind)
+                if name is None:
+                    name = qualified_name(kind)
+                    if len(self._names) < _NAME_CACHE_MAX:
+                        self._names[kind] = name
+                self._exceptions.inc(name)
+                self._last_exception = self._wall_clock()
+            else:
+                message = context.get("message")
+                if isinstance(message, str) and message.startswith(DESTROYED_PENDING):
+                    with self._lock:
+                        self._destroyed_pending += 1
+        except Exception as exc:  # noqa: BLE001 - never raise into the loop's exception handler
+            self._agent.guard.report("hooks", exc)
+
+    # -- queues ------------------------------------------------------------------------------------
+    def watch_queue(self, queue: asyncio.Queue[Any], name: str) -> asyncio.Queue[Any]:
+        check_queue(queue, name)
+        with self._lock:
+            for other, ref in list(self._queues.items()):
+                watched = ref()
+                if watched is None:
+                    del self._queues[other]
+                elif watched is queue:
+                    if other == name:
+                        return queue
+                    raise ConfigError(f"watch_queue(): this queue is already watched as {other!r}, "
+                                      f"got name {name!r}")
+            if name in self._queues:
+                raise ConfigError(f"watch_queue(): name {name!r} is already used by another live queue; "
+                                  f"names must be unique")
+            if len(self._queues) >= MAX_QUEUES:
+                raise ConfigError(f"watch_queue(): at most {MAX_QUEUES} queues can be watched at once")
+            self._queues[name] = weakref.ref(queue)
+        return queue
+
+    # -- scrape ------------------------------------------------------------------------------------
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        service = metrics.service
+        tasks = metrics.family(GaugeMetricFamily, "tasks",
+                               "Live (not done) tasks of each watched loop, counted at scrape time.", ["loop"])
+        for probe in self._agent.probes():
+            loop = probe.loop
+            if loop is None or loop.is_closed():
+                continue
+            count = self._count_tasks(loop)
+            if count is not None:
+                tasks.add_metric([service, probe.label], count)
+        yield tasks
+
+        exceptions = metrics.family(
+            CounterMetricFamily, "task_exceptions",
+            "Exceptions that reached a watched loop's exception handler, by exception type "
+            "(top 20, the rest as 'other').", ["exception"])
+        for name, value in self._exceptions.items():
+            exceptions.add_metric([service, name], value)
+        yield exceptions
+        last = metrics.family(GaugeMetricFamily, "last_exception_timestamp_seconds",
+                              "Unix time of the last exception counted in task_exceptions_total (0: none yet).")
+        last.add_metric([service], self._last_exception)
+        yield last
+        destroyed = metrics.family(CounterMetricFamily, "tasks_destroyed_pending",
+                                   "Tasks garbage-collected while still pending "
+                                   "('Task was destroyed but it is pending!').")
+        destroyed.add_metric([service], self._destroyed_pending)
+        yield destroyed
+
+        depth = metrics.family(GaugeMetricFamily, "queue_depth",
+                               "Items in each watched asyncio queue (qsize()), read at scrape time.", ["queue"])
+        maxsize = metrics.family(GaugeMetricFamily, "queue_maxsize",
+                                 "Each watched asyncio queue's maxsize (0: unbounded).", ["queue"])
+        with self._lock:
+            watched = list(self._queues.items())
+        for name, ref in watched:
+            queue = ref()
+            if queue is None:
+                with self._lock:
+                    if self._queues.get(name) is ref:
+                        del self._queues[name]
+                continue
+            depth.add_metric([service, name], queue.qsize())
+            maxsize.add_metric([service, name], queue.maxsize)
+            del queue
+        yield depth
+        yield maxsize
+
+    def _count_tasks(self, loop: asyncio.AbstractEventLoop) -> int | None:
+        error: RuntimeError | None = None
+        for _ in range(ALL_TASKS_TRIES):
+            try:
+                return len(self._all_tasks(loop))  # type: ignore[arg-type]
+            except RuntimeError as exc:  # "Set changed size during iteration": the loop thread moved on
+                error = exc
+        assert error is not None
+        self._agent.guard.report("collector", error)
+        return None
+
+
+def _unchain(handler: _ChainedHandler) -> None:
+    handler.active = False
+    loop = handler._loop_ref()
+    if loop is None:
+        return
+    try:
+        attrs = vars(loop)
+        if attrs.get("call_exception_handler") is handler:
+            if handler.previous is not None:
+                attrs["call_exception_handler"] = handler.previous
+            else:
+                del attrs["call_exception_handler"]
+    except (TypeError, KeyError):  # pragma: no cover - changed under us: ours stays a pass-through
+        pass
+
+
+def check_queue(queue: object, name: object) -> None:
+    """Refuse what :func:`loopwatch.watch_queue` cannot watch, with a :class:`ConfigError`."""
+    if not isinstance(queue, asyncio.Queue):
+        kind = type(queue)
+        raise ConfigError(f"watch_queue() watches asyncio.Queue and its subclasses (asyncio.PriorityQueue, "
+                          f"asyncio.LifoQueue), got {qualified_name(kind)}")
+    if (not isinstance(name, str) or not name or len(name) > MAX_QUEUE_NAME or not name.isprintable()
+            or name != name.strip()):
+        raise ConfigError(f"watch_queue() name must be a non-empty printable string of at most "
+                          f"{MAX_QUEUE_NAME} characters without surrounding spaces, got {name!r}")

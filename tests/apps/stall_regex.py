@@ -1,0 +1,33 @@
+"""GIL-held stall: catastrophic ``re`` backtracking calibrated to last about ``argv[4]`` seconds.
+No Python thread runs during it; only faulthandler's C thread can write the stack."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from stall_common import BACKTRACK, argv, backtracking_input, install, say, wait_for_stop
+
+
+def match_order_id(text: str) -> bool:
+    return BACKTRACK.match(text) is not None  # STALL-LINE
+
+
+async def handle_request(text: str) -> bool:
+    await asyncio.sleep(0.5)
+    say("REGEX-START")
+    found = match_order_id(text)
+    say("REGEX-END")
+    return found
+
+
+async def main(text: str) -> None:
+    dump_dir, port, stop, _ = argv()
+    install(dump_dir, port)
+    print(f"PID {os.getpid()}", flush=True)
+    await asyncio.create_task(handle_request(text), name="handler-task")
+    await wait_for_stop(stop)
+
+
+SECONDS = float(argv()[3][0])
+asyncio.run(main(backtracking_input(SECONDS)))  # calibrated before the loop (and loopwatch) start

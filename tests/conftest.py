@@ -1,0 +1,130 @@
+"""Shared fixtures: free ports, subprocess apps, scraping."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import loopwatch
+
+APPS = Path(__file__).parent / "apps"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape(url: str, timeout: float = 10.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Fetch ``url`` and return {(sample name, sorted labels): value}."""
+    body = urllib.request.urlopen(url, timeout=timeout).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def collected(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Like :func:`scrape`, straight from a registry (no HTTP)."""
+    out = {}
+    for family in registry.collect():
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(samples: dict, name: str, **labels: str) -> float | None:
+    """The value of the one sample named ``name`` whose labels include ``labels``."""
+    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls)]
+    if len(found) > 1:
+        raise AssertionError(f"{len(found)} samples match {name} {labels}")
+    return found[0] if found else None
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class App:
+    """A test app (``tests/apps/<name>.py``) running in a subprocess with the current interpreter."""
+
+    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(APPS / f"{name}.py"), *args], env=full_env, cwd=cwd,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+
+    def wait_line(self, prefix: str, timeout: float = 30.0) -> str:
+        """Read output until a line starting with ``prefix``; returns it."""
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith(prefix):
+                return line.rstrip("\n")
+        raise AssertionError(f"no line starting with {prefix!r}; output so far:\n" + "\n".join(self.lines))
+
+    def finish(self, timeout: float = 60.0) -> str:
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.lines.extend(out.splitlines())
+        return "\n".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=30)
+
+
+@pytest.fixture
+def app_runner() -> Iterator[Callable[..., App]]:
+    apps: list[App] = []
+
+    def start(name: str, *args: str, **kwargs) -> App:
+        app = App(name, *args, **kwargs)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.kill()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_left() -> Iterator[None]:
+    yield
+    loopwatch.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("LOOPWATCH_"):
+            monkeypatch.delenv(name)

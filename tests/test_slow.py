@@ -1,0 +1,217 @@
+"""Slow callbacks and loop utilization: unit tests (injected clock) and subprocess end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import time
+from pathlib import Path
+
+import pytest
+from conftest import APPS, free_port, sample, scrape
+
+from loopwatch import _slow
+from loopwatch._labels import OTHER, TopN
+from loopwatch._slow import SlowCallback, SlowCallbacks, describe_callback
+
+APP = APPS / "slow_app.py"
+
+
+def marker_line(marker: str) -> int:
+    for number, line in enumerate(APP.read_text().splitlines(), 1):
+        if f"# {marker}" in line:
+            return number
+    raise AssertionError(marker)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- bounded labels ------------------------------------------------------------------------------
+
+def test_top_n_folds_the_rest_into_other() -> None:
+    counts = TopN(2, track=10)
+    for key, times in (("a", 5), ("b", 3), ("c", 2), ("d", 1)):
+        for _ in range(times):
+            counts.inc(key)
+    assert counts.items() == [("a", 5.0), ("b", 3.0), (OTHER, 3.0)]
+    assert sum(v for _, v in counts.items()) == counts.total == 11
+
+
+def test_top_n_membership_follows_the_counts() -> None:
+    counts = TopN(1, track=10)
+    counts.inc("early")
+    for _ in range(3):
+        counts.inc("frequent")
+    assert counts.items() == [("frequent", 3.0), (OTHER, 1.0)]
+
+
+def test_top_n_tracking_table_is_bounded_and_forgets_idle_keys() -> None:
+    clock = Clock()
+    counts = TopN(2, track=4, forget_after=60, clock=clock)
+    for key in ("k1", "k2", "k3", "k4"):
+        counts.inc(key)
+    clock.now = 120.0  # all four are idle now
+    counts.inc("k5")
+    counts.inc("k5")
+    assert len(counts._counts) <= 4
+    assert counts.items()[0] == ("k5", 2.0)
+    assert counts.total == 6.0
+    assert sum(v for _, v in counts.items()) == 6.0
+
+
+def test_top_n_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match=r"^need 1 <= n <= track, got n=5, track=2$"):
+        TopN(5, track=2)
+
+
+# -- what ran ------------------------------------------------------------------------------------
+
+async def score(n: int) -> None:
+    await asyncio.sleep(0)
+
+
+def plain(x: int) -> None:
+    pass
+
+
+class Cache:
+    def flush(self) -> None:
+        pass
+
+
+def test_describe_task_step() -> None:
+    async def main() -> dict:
+        task = asyncio.create_task(score(1), name="signal-7")
+        info = describe_callback(task._Task__step if hasattr(task, "_Task__step") else _step_of(task))
+        await task
+        return info
+
+    info = asyncio.run(main())
+    assert info["what"] == "task_step"
+    assert info["label"] == f"{__name__}.score"
+    assert info["task"] == "signal-7"
+    assert info["coro"] == "score"
+    assert info["source"] == f"{__file__}:{score.__code__.co_firstlineno}"
+
+
+def _step_of(task: asyncio.Task) -> object:
+    """The C Task's step callback, as the loop sees it: the handle scheduled by create_task."""
+    loop = task.get_loop()
+    for handle in loop._ready:  # type: ignore[attr-defined]
+        if getattr(handle._callback, "__self__", None) is task:
+            return handle._callback
+    raise AssertionError("no step scheduled")
+
+
+def test_describe_plain_callbacks() -> None:
+    assert describe_callback(plain) == {"what": "callback", "label": f"{__name__}.plain",
+                                        "source": f"{__file__}:{plain.__code__.co_firstlineno}"}
+    assert describe_callback(functools.partial(plain, 1))["label"] == f"{__name__}.plain"
+    assert describe_callback(Cache().flush)["label"] == f"{__name__}.Cache.flush"
+    loop = asyncio.new_event_loop()
+    try:
+        info = describe_callback(loop.create_future().set_result)
+    finally:
+        loop.close()
+    assert info["label"].endswith("Future.set_result")
+    assert info["source"] is None  # a C method has no Python source
+
+
+def test_log_is_rate_limited_per_callback_with_injected_clock() -> None:
+    clock, logged, observed = Clock(), [], []
+    slow = SlowCallbacks(0.1, observe=lambda loop, d: observed.append(d), log=logged.append, clock=clock)
+    event = SlowCallback("main", 0.2, "app.handler", "task_step")
+    for now in (0.0, 0.5, 0.99, 1.0, 1.2, 2.5):
+        clock.now = now
+        slow.record(event)
+    assert [e.duration for e in logged] == [0.2, 0.2, 0.2]  # at 0.0, 1.0 and 2.5
+    assert len(observed) == 6  # every one is measured
+    assert slow.counts["main"].items() == [("app.handler", 6.0)]
+
+
+def test_exact_mode_wrapper_comes_and_goes(registry, tmp_path: Path) -> None:
+    import asyncio.events
+
+    import loopwatch
+
+    original = asyncio.events.Handle._run
+
+    async def main() -> object:
+        await asyncio.sleep(0.05)
+        time.sleep(0.15)  # a slow step: the first one switches exact timing on
+        await asyncio.sleep(0.05)
+        return asyncio.events.Handle.__dict__["_run"]
+
+    loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path)
+    during = asyncio.run(main())
+    assert during is _slow._timed_run
+    loopwatch.uninstall()
+    assert asyncio.events.Handle.__dict__["_run"] is original
+    assert _slow._exact == {}
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+def run_app(app_runner, tmp_path: Path, loop: str, mode: str):
+    port = free_port()
+    app = app_runner("slow_app", loop, mode, str(port), str(tmp_path))
+    url = f"http://127.0.0.1:{port}/metrics"
+    app.wait_line("PHASE half-busy-start", timeout=30)
+    start_time, start = time.monotonic(), scrape(url)
+    app.wait_line("PHASE half-busy-end", timeout=30)
+    end_time, end = time.monotonic(), scrape(url)
+    app.kill()
+    return app, start, end, end_time - start_time
+
+
+def busy(samples: dict) -> float:
+    value = sample(samples, "loopwatch_event_loop_busy_seconds_total", loop="main")
+    assert value is not None
+    return value
+
+
+@pytest.mark.parametrize("mode", ["auto", "exact"])
+def test_slow_task_steps_and_plain_callbacks_are_named(app_runner, tmp_path: Path, mode: str) -> None:
+    app, samples, end, elapsed = run_app(app_runner, tmp_path, "stdlib", mode)
+    counts = {dict(labels)["callback"]: value for (name, labels), value in samples.items()
+              if name == "loopwatch_slow_callbacks_total"}
+    if mode == "auto":  # the first slow step switches exact timing on; the next ones are named
+        assert counts == {"unattributed": 1.0, "__main__.score_signal": 2.0, "__main__.flush_cache": 2.0}
+    else:
+        assert counts == {"__main__.score_signal": 3.0, "__main__.flush_cache": 2.0}
+    assert sample(samples, "loopwatch_slow_callback_duration_seconds_count", loop="main") == 5.0
+    assert sample(samples, "loopwatch_slow_callback_duration_seconds_bucket", loop="main", le="0.1") == 0.0
+    assert sample(samples, "loopwatch_slow_callback_duration_seconds_bucket", loop="main", le="0.5") == 5.0
+    output = "\n".join(app.lines)
+    steps = [line for line in output.splitlines() if "loopwatch.slow_callback" in line and "task_step" in line]
+    assert steps, output
+    step = re.sub(r"\x1b\[[0-9;]*m", "", steps[-1])
+    assert "callback=__main__.score_signal" in step and "coro=score_signal" in step
+    assert re.search(r"task=signal-\d", step)
+    assert f"source={APP}:{marker_line('SLOW-STEP') - 2}" in step  # the coroutine's def line
+    assert f"at={APP}:{marker_line('SLOW-STEP') + 1}" in step  # where the step stopped: the next await
+    callbacks = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in output.splitlines()
+                 if "loopwatch.slow_callback" in line and "what=callback" in line]
+    assert callbacks and f"source={APP}:{marker_line('SLOW-CALLBACK') - 1}" in callbacks[0]
+    utilization = (busy(end) - busy(samples)) / elapsed
+    assert 0.3 < utilization < 0.75, utilization
+
+
+def test_off_mode_counts_no_slow_callbacks_but_still_utilization(app_runner, tmp_path: Path) -> None:
+    app, samples, end, elapsed = run_app(app_runner, tmp_path, "stdlib", "off")
+    assert not [k for k in samples if k[0] == "loopwatch_slow_callbacks_total"]
+    assert 0.3 < (busy(end) - busy(samples)) / elapsed < 0.75
+
+
+def test_uvloop_utilization_from_loop_thread_cpu(app_runner, tmp_path: Path) -> None:
+    app, samples, end, elapsed = run_app(app_runner, tmp_path, "uvloop", "auto")
+    # uvloop's handles cannot be timed: slow callbacks under the lag threshold are not seen there.
+    assert not [k for k in samples if k[0] == "loopwatch_slow_callbacks_total"]
+    assert 0.3 < (busy(end) - busy(samples)) / elapsed < 0.75
