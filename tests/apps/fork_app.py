@@ -24,6 +24,7 @@ from pathlib import Path
 from stall_common import BACKTRACK, backtracking_input, say
 
 import loopwatch
+from marker import emit_line
 
 DUMP_DIR, PORTS, STOP = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 TEXT = backtracking_input(2.0)  # calibrated before anything runs (2 s: calibration may be off 3x)
@@ -44,8 +45,8 @@ def match_order_id(text: str) -> bool:
 
 
 async def child_main(agent: loopwatch.Agent) -> None:
-    print(f"CHILD pid={os.getpid()} url={agent.metrics_url} "
-          f"threads={sorted(t.name for t in threading.enumerate())}", flush=True)
+    emit_line(f"CHILD pid={os.getpid()} url={agent.metrics_url} "
+              f"threads={sorted(t.name for t in threading.enumerate())}")
     await asyncio.sleep(0.6)
     say("CHILD-BLOCK-START")
     sync_query()
@@ -60,10 +61,10 @@ async def child_main(agent: loopwatch.Agent) -> None:
 
 
 def dormant_child(agent: loopwatch.Agent) -> None:
-    print(f"DORMANT pid={os.getpid()} url={agent.metrics_url} "
-          f"threads={sorted(t.name for t in threading.enumerate())}", flush=True)
+    emit_line(f"DORMANT pid={os.getpid()} url={agent.metrics_url} "
+              f"threads={sorted(t.name for t in threading.enumerate())}")
     loopwatch.uninstall()  # must not wait for the parent's exporter or watchdog threads
-    print("DORMANT-UNINSTALLED", flush=True)
+    emit_line("DORMANT-UNINSTALLED")
 
 
 def parent_stall() -> None:
@@ -88,7 +89,7 @@ def main() -> None:
     thread.start()
     ready.wait(10)
     time.sleep(0.5)  # a few beats: faulthandler's timer is armed by the parent-loop thread
-    print(f"PARENT pid={os.getpid()} url={agent.metrics_url}", flush=True)
+    emit_line(f"PARENT pid={os.getpid()} url={agent.metrics_url}")
 
     pid = os.fork()
     if pid == 0:
@@ -100,11 +101,11 @@ def main() -> None:
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            print(f"DORMANT-EXIT {status}", flush=True)
+            emit_line(f"DORMANT-EXIT {status}")
             break
         time.sleep(0.05)
     else:
-        print("DORMANT-HUNG", flush=True)
+        emit_line("DORMANT-HUNG")
 
     pid = os.fork()
     if pid == 0:
@@ -119,7 +120,7 @@ def main() -> None:
     wait_stop()
     thread.join(10)
     os.waitpid(pid, 0)
-    print("PARENT-EXIT", flush=True)
+    emit_line("PARENT-EXIT")
 
 
 main()

@@ -13,6 +13,7 @@ import sys
 import time
 
 import loopwatch
+from marker import emit_line
 
 DUMP_DIR, PORTS = sys.argv[1], sys.argv[2]
 
@@ -29,7 +30,7 @@ async def child_main(agent: loopwatch.Agent) -> None:
     await asyncio.sleep(0.3)
     child_query()
     await asyncio.sleep(0.5)
-    print(f"CHILD pid={os.getpid()} url={agent.metrics_url}", flush=True)
+    emit_line(f"CHILD pid={os.getpid()} url={agent.metrics_url}")
 
 
 async def main(agent: loopwatch.Agent) -> None:
@@ -45,7 +46,7 @@ async def main(agent: loopwatch.Agent) -> None:
     parent_query()
     await asyncio.sleep(0.5)
     _, status = await asyncio.get_running_loop().run_in_executor(None, os.waitpid, pid, 0)
-    print(f"PARENT pid={os.getpid()} url={agent.metrics_url} child_status={status}", flush=True)
+    emit_line(f"PARENT pid={os.getpid()} url={agent.metrics_url} child_status={status}")
 
 
 agent = loopwatch.install(namespace="lwfork", service="fork-in-loop", metrics_port=PORTS,

@@ -27,6 +27,7 @@ if MODE == "uvloop_before":
     import uvloop
 
 import loopwatch  # noqa: E402
+from marker import emit_line
 
 OPTIONS = {"metrics_port": 0, "dump_dir": DUMP_DIR, "dump_cooldown": 0}
 
@@ -45,13 +46,13 @@ async def main() -> None:
     if MODE == "uvloop_inside":
         loopwatch.install(**OPTIONS)
     loop = asyncio.get_running_loop()
-    print(f"loop-class {type(loop).__module__}.{type(loop).__qualname__}", flush=True)
+    emit_line(f"loop-class {type(loop).__module__}.{type(loop).__qualname__}")
     await asyncio.sleep(0.6)  # a few healthy beats first
     block()
     await asyncio.sleep(0.8)  # the probe beats late, the watchdog logs the stall
     agent = loopwatch.install()
     labels = ",".join(f"{lp.label}:{lp.running}" for lp in agent.snapshot().loops)
-    print(f"snapshot {labels}", flush=True)
+    emit_line(f"snapshot {labels}")
 
 
 if MODE == "stdlib":
@@ -59,4 +60,4 @@ if MODE == "stdlib":
 else:
     uvloop.run(main())
 loopwatch.uninstall()
-print("done", flush=True)
+emit_line("done")

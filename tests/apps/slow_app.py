@@ -9,6 +9,7 @@ import sys
 import time
 
 import loopwatch
+from marker import emit_line
 
 LOOP, MODE, PORT, DUMP_DIR = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 
@@ -32,7 +33,7 @@ def flush_cache() -> None:
 async def main() -> None:
     loopwatch.install(metrics_port=PORT, metrics_addr="127.0.0.1", dump_dir=DUMP_DIR, service="slowapp",
                       slow_callback_mode=MODE, slow_callback_threshold=0.1)
-    print("PHASE steps", time.time(), flush=True)
+    emit_line(f"PHASE steps {time.time()}")
     for i in range(3):
         await asyncio.create_task(score_signal(i), name=f"signal-{i}")
         await asyncio.sleep(1.1)  # past the per-label log rate limit
@@ -40,12 +41,12 @@ async def main() -> None:
     await asyncio.sleep(1.1)
     asyncio.get_running_loop().call_soon(flush_cache)
     await asyncio.sleep(0.3)
-    print("PHASE half-busy-start", time.time(), flush=True)
+    emit_line(f"PHASE half-busy-start {time.time()}")
     end = time.monotonic() + 4.0
     while time.monotonic() < end:
         burn(0.02)
         await asyncio.sleep(0.02)
-    print("PHASE half-busy-end", time.time(), flush=True)
+    emit_line(f"PHASE half-busy-end {time.time()}")
     await asyncio.sleep(30)  # the test kills us
 
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 from stall_common import argv, install, say, wait_for_stop
+from marker import emit_line
 
 SERVER_DELAY = 5.0
 
@@ -54,7 +55,7 @@ async def main() -> None:
     event = asyncio.Event()
     idler = asyncio.create_task(idle(event), name="idle-task")
     rows = await asyncio.create_task(handle_request(listener.getsockname()[1]), name="handler-task")
-    print(f"ROWS {rows!r}", flush=True)
+    emit_line(f"ROWS {rows!r}")
     await wait_for_stop(stop)
     event.set()
     await idler

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import loopwatch
+from marker import emit_line
 
 NAMESPACE = "lwstall"
 SERVICE = "stall-app"
@@ -33,13 +34,13 @@ def install(dump_dir: str, port: int, **options: object) -> loopwatch.Agent:
     }
     settings.update(options)
     agent = loopwatch.install(**settings)  # type: ignore[arg-type]
-    print(f"READY {agent.metrics_url}", flush=True)
+    emit_line(f"READY {agent.metrics_url}")
     return agent
 
 
 def say(what: str) -> None:
     """``WHAT <time.time()>``: the test compares these stamps with its own clock."""
-    print(f"{what} {time.time():.6f}", flush=True)
+    emit_line(f"{what} {time.time():.6f}")
 
 
 async def wait_for_stop(stop: Path, timeout: float = 60.0) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import os
 
 from stall_common import BACKTRACK, argv, backtracking_input, install, say, wait_for_stop
+from marker import emit_line
 
 
 def match_order_id(text: str) -> bool:
@@ -24,7 +25,7 @@ async def handle_request(text: str) -> bool:
 async def main(text: str) -> None:
     dump_dir, port, stop, _ = argv()
     install(dump_dir, port)
-    print(f"PID {os.getpid()}", flush=True)
+    emit_line(f"PID {os.getpid()}")
     await asyncio.create_task(handle_request(text), name="handler-task")
     await wait_for_stop(stop)
 

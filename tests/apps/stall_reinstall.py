@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 
 from stall_common import argv, install
+from marker import emit_line
 
 
 async def main() -> None:
     dump_dir, port, _, _ = argv()
     install(dump_dir, port)
     await asyncio.sleep(0.3)
-    print("BYE", flush=True)
+    emit_line("BYE")
 
 
 asyncio.run(main())

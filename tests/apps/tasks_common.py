@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from marker import emit_line
 
 
 class Boom(Exception):
@@ -39,7 +40,7 @@ def loop_class() -> str:
 
 def say(what: str) -> None:
     """``WHAT <time.time()>``: the test compares these stamps with its own clock."""
-    print(f"{what} {time.time():.6f}", flush=True)
+    emit_line(f"{what} {time.time():.6f}")
 
 
 async def until(path: Path, timeout: float = 60.0) -> None:

@@ -19,12 +19,13 @@ from pathlib import Path
 from tasks_common import Boom, Errors, loop_class, runner, say, sleeper, until
 
 import loopwatch
+from marker import emit_line
 
 IMPL, HANDLER, DUMP_DIR, PORT, STOP = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), Path(sys.argv[5])
 
 agent = loopwatch.install(namespace="lwtasks", service="tasks-app", dump_dir=DUMP_DIR, metrics_port=PORT,
                           metrics_addr="127.0.0.1")
-print(f"READY {agent.metrics_url}", flush=True)
+emit_line(f"READY {agent.metrics_url}")
 
 
 async def fail_with_value_error(n: int) -> None:
@@ -41,7 +42,7 @@ def raise_timeout() -> None:
 
 async def main() -> None:
     loop = asyncio.get_running_loop()
-    print(f"loop-class {loop_class()}", flush=True)
+    emit_line(f"loop-class {loop_class()}")
     calls: list[dict] = []
     if HANDLER == "app":
         loop.set_exception_handler(lambda _loop, context: calls.append(context))
@@ -65,7 +66,7 @@ async def main() -> None:
 
     say(f"DONE calls={len(calls)} start={start:.6f} end={time.time():.6f}")
     messages = sorted(str(c.get("message")) for c in calls)
-    print(f"HANDLER-MESSAGES {messages}", flush=True)
+    emit_line(f"HANDLER-MESSAGES {messages}")
     await until(STOP)
     for t in sleepers:
         t.cancel()

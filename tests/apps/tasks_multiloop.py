@@ -19,13 +19,14 @@ from pathlib import Path
 from tasks_common import loop_class, runner, say, sleeper, until
 
 import loopwatch
+from marker import emit_line
 
 IMPL, DUMP_DIR, PORT, CTL = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 STALL_SECONDS = 2.5
 
 agent = loopwatch.install(namespace="lwmulti", service="multi-app", dump_dir=DUMP_DIR, metrics_port=PORT,
                           metrics_addr="127.0.0.1", lag_thresholds=(0.3, 1.0, 10.0), dump_cooldown=0)
-print(f"READY {agent.metrics_url}", flush=True)
+emit_line(f"READY {agent.metrics_url}")
 
 
 def worker_block() -> None:
@@ -60,7 +61,7 @@ async def worker() -> None:
     for task in sleepers:
         task.cancel()
     await asyncio.gather(*sleepers, return_exceptions=True)
-    print(f"WORKER-HANDLER-CALLS {len(calls)}", flush=True)
+    emit_line(f"WORKER-HANDLER-CALLS {len(calls)}")
 
 
 def worker_thread() -> None:
