@@ -8,6 +8,7 @@ going on.  See the README for the metric catalogue, the dump format and the conf
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 from ._agent import Agent, AgentSnapshot, LoopSnapshot
 from ._config import OPTION_NAMES, Options, resolve
 from ._errors import ConfigError
+from ._executors import check_executor
 from ._tasks import check_queue
 from ._version import __version__
 
@@ -29,6 +31,7 @@ __all__ = [
     "dump",
     "install",
     "uninstall",
+    "watch_executor",
     "watch_queue",
 ]
 
@@ -51,6 +54,8 @@ def install(
     faulthandler: bool | None = None,
     slow_callback_threshold: float | None = None,
     slow_callback_mode: str | None = None,
+    gil_probe_interval: float | None = None,
+    executor_wait_threshold: float | None = None,
 ) -> Agent:
     """Install the agent (idempotent) and return it.
 
@@ -98,6 +103,28 @@ def dump(reason: str = "manual") -> Path:
     if agent is None:
         raise RuntimeError("loopwatch is not installed: call loopwatch.install() first")
     return agent.dump(reason)
+
+
+_Executor = TypeVar("_Executor", bound=concurrent.futures.Executor)
+
+
+def watch_executor(executor: _Executor, name: str) -> _Executor:
+    """Export ``to_thread_executor_*{executor=name}`` for ``executor``; returns it.
+
+    ``executor`` is a :class:`concurrent.futures.ThreadPoolExecutor` (queue depth, threads, busy
+    threads, limit, and the submit-to-start wait) or :class:`~concurrent.futures.ProcessPoolExecutor`
+    (queue depth, processes, limit), held through a weak reference; its series disappear when it is shut
+    down or garbage-collected.  ``name`` is a non-empty printable string (at most 128 characters);
+    watching another executor under a taken name replaces it.  Anything else raises
+    :class:`ConfigError`.  The loop's default executor (``asyncio.to_thread``) is watched without this
+    call, as ``executor="default"``.  Raises ``RuntimeError`` if loopwatch is not installed.
+    """
+    check_executor(executor, name)
+    agent = _agent
+    if agent is None or not agent.started:
+        raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_executor()")
+    agent.executors.watch(executor, name)
+    return executor
 
 
 _Queue = TypeVar("_Queue", bound=asyncio.Queue[Any])

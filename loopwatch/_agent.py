@@ -24,13 +24,16 @@ from . import _fork, _frames
 from ._config import Options
 from ._dumps import DumpWriter, safe_reason
 from ._errors import ConfigError
+from ._executors import Executors
 from ._exporter import Exporter
+from ._gil import GilContention, GilProbe
 from ._hooks import LoopHooks
 from ._log import Guard, emit, logger
 from ._metrics import Metrics
 from ._native import INFLIGHT_PREFIX, NativeWatch, parse_header
 from ._probe import LoopProbe
 from ._tasks import TaskHealth
+from ._threads import ThreadCpu
 from ._slow import CpuBusy, IterationTimer, SlowCallback, SlowCallbackMetrics, SlowCallbacks
 from ._version import __version__
 from ._watchdog import Watchdog
@@ -76,6 +79,15 @@ class Agent:
         self.slow = SlowCallbacks(options.slow_callback_threshold, observe=self.slow_metrics.observe,
                                   log=self._log_slow, clock=clock)
         self.metrics.add_part("collector", lambda: self.slow_metrics.collect(self.slow.counts))
+        self.threads = ThreadCpu(self.metrics, clock=clock)
+        self.metrics.add_part("threads", self.threads.collect, reset=self.threads.reset)
+        self.gil = GilContention(self.metrics)
+        self.metrics.add_part("gil", self.gil.collect, reset=self.gil.reset)
+        self.gil_probe = GilProbe(self.gil, options.gil_probe_interval,
+                                  on_error=lambda exc: self.guard.report("gil", exc))
+        self.executors = Executors(self.metrics, threshold=options.executor_wait_threshold, clock=clock,
+                                   on_error=lambda exc: self.guard.report("executor", exc))
+        self.metrics.add_part("executor", self.executors.collect, reset=self.executors.reset)
         self.writer = DumpWriter(options.dump_dir, keep=options.dump_keep, cooldown=options.dump_cooldown,
                                  clock=clock)
         self._lock = threading.RLock()
@@ -119,6 +131,7 @@ class Agent:
         self.watchdog.start(self._native)
         if self._native is not None and self.watchdog.waker_note is not None:
             emit("info", "loopwatch.watchdog_polling", reason=self.watchdog.waker_note)
+        self.gil_probe.start()
         atexit.register(self.stop)
         _fork.register(self)
         try:
@@ -139,6 +152,7 @@ class Agent:
         _fork.unregister(self)
         atexit.unregister(self.stop)
         self._hooks.uninstall()
+        self.gil_probe.stop()
         self.watchdog.stop()
         self.watchdog.drain()
         with self._lock:
@@ -146,6 +160,8 @@ class Agent:
             self._native_owner = None
         with self.guard("hooks"):
             self.task_health.stop()
+        with self.guard("executor"):
+            self.executors.stop()
         for probe in probes:
             with self.guard("probe"):
                 probe.stop()
@@ -239,6 +255,10 @@ class Agent:
         probe.start()
         with self.guard("hooks"):
             self.task_health.attach(probe)
+        with self.guard("executor"):
+            if not self.executors.attach(loop, probe.label):
+                self._degrade("executor", f"cannot wrap {type(loop).__qualname__}.run_in_executor: the default "
+                                          f"executor of loop {probe.label!r} is not measured")
         self._poke_if_polled(probe)
         return probe
 
@@ -277,6 +297,7 @@ class Agent:
         self._probes = tuple(p for p in self._probes if p is not probe)
         probe.stop()
         self.task_health.detach(probe)
+        self.executors.detach(probe.label)
         if probe.activity is not None:
             probe.activity.uninstall()
         self.metrics.remove_loop(probe.label)

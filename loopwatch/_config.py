@@ -56,6 +56,8 @@ class Options:
     faulthandler: bool = True
     slow_callback_threshold: float = 0.1
     slow_callback_mode: str = "auto"
+    gil_probe_interval: float = 0.1
+    executor_wait_threshold: float = 0.5
 
     @property
     def dump_threshold(self) -> float:
@@ -169,6 +171,13 @@ def _thresholds(value: Any, source: str | None) -> tuple[float, ...]:
     return tuple(numbers)
 
 
+def _is_zero(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and float(value) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
 def _boolean(name: str, value: Any, source: str | None) -> bool:
     if isinstance(value, bool):
         return value
@@ -221,6 +230,14 @@ def _validate(name: str, value: Any, source: str | None) -> Any:
         if not isinstance(value, str) or value.strip().lower() not in SLOW_CALLBACK_MODES:
             raise _fail(name, source, "one of 'auto', 'exact', 'off'", value)
         return value.strip().lower()
+    if name == "gil_probe_interval":
+        if _is_zero(value):
+            return 0.0
+        return _number(name, value, source, low=0.01, high=60.0, low_inclusive=True,
+                       what="seconds between 0.01 and 60, or 0 to turn the GIL probe off")
+    if name == "executor_wait_threshold":
+        return _number(name, value, source, low=0.001, high=3600.0, low_inclusive=True,
+                       what="seconds between 0.001 and 3600")
     raise AssertionError(name)  # pragma: no cover - OPTION_NAMES and this function move together
 
 

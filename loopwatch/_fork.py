@@ -167,6 +167,7 @@ def _forget_parent(agent: Agent, parent_pid: int) -> None:
     exporter, agent._exporter = agent._exporter, None
     if exporter is not None:
         exporter.abandon()
+    agent.gil_probe.abandon()
     watchdog = agent.watchdog
     waker, watchdog.waker = watchdog.waker, None
     watchdog.waker_note = None
@@ -213,5 +214,6 @@ def resume(agent: Agent) -> None:
         agent.watchdog.start(agent._native)
         if agent._native is not None and agent.watchdog.waker_note is not None:
             emit("info", "loopwatch.watchdog_polling", reason=agent.watchdog.waker_note)
+        agent.gil_probe.start()
     emit("info", "loopwatch.forked", pid=os.getpid(), parent_pid=agent.parent_pid,
          metrics_url=agent.metrics_url, dump_dir=str(agent.options.dump_dir))

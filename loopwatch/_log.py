@@ -24,7 +24,8 @@ def emit(level: str, event: str, **fields: object) -> None:
     getattr(logger, level)(event, **{k: v for k, v in fields.items() if v is not None})
 
 
-COMPONENTS = ("probe", "watchdog", "dump", "exporter", "collector", "faulthandler", "hooks", "fork")
+COMPONENTS = ("probe", "watchdog", "dump", "exporter", "collector", "faulthandler", "hooks", "fork", "threads",
+              "gil", "executor")
 
 
 class Guard:

@@ -21,6 +21,9 @@ def test_defaults() -> None:
     assert options.dump_keep == 20
     assert options.faulthandler is True
     assert options.dump_threshold == 0.5
+    assert options.gil_probe_interval == 0.1
+    assert options.executor_wait_threshold == 0.5
+    assert resolve({"gil_probe_interval": "0"}, environ={}).gil_probe_interval == 0.0
 
 
 def test_design_example_message() -> None:
@@ -46,6 +49,9 @@ def test_design_example_message() -> None:
     ("dump_cooldown", -1, r"^dump_cooldown must be seconds between 0 and 86400, got -1$"),
     ("dump_keep", 1.5, r"^dump_keep must be an integer between 0 and 100000 \(0 = no dumps\), got 1\.5$"),
     ("faulthandler", "maybe", r"^faulthandler must be a boolean \(true/false, 1/0, yes/no, on/off\), got 'maybe'$"),
+    ("gil_probe_interval", 0.001, r"^gil_probe_interval must be seconds between 0\.01 and 60, or 0 to turn the GIL probe off, got 0\.001$"),
+    ("gil_probe_interval", "often", r"^gil_probe_interval must be seconds between 0\.01 and 60, or 0 to turn the GIL probe off, got 'often'$"),
+    ("executor_wait_threshold", 0, r"^executor_wait_threshold must be seconds between 0\.001 and 3600, got 0$"),
 ])
 def test_invalid_explicit_options(name: str, value: object, message: str) -> None:
     with pytest.raises(loopwatch.ConfigError, match=message):
@@ -102,5 +108,6 @@ def test_registry_clash_is_a_config_error(registry: CollectorRegistry, tmp_path:
 
 def test_public_surface() -> None:
     assert set(loopwatch.__all__) == {"Agent", "AgentSnapshot", "ConfigError", "LoopSnapshot", "Options",
-                                      "__version__", "dump", "install", "uninstall", "watch_queue"}
+                                      "__version__", "dump", "install", "uninstall", "watch_executor",
+                                      "watch_queue"}
     assert re.match(r"^\d+\.\d+\.\d+", loopwatch.__version__)

@@ -1,0 +1,308 @@
+"""Executors: the loop's default executor (``asyncio.to_thread``, ``run_in_executor(None, ...)``) and
+any executor passed to :func:`loopwatch.watch_executor`.
+
+* **Default executor.** asyncio creates it on the first ``run_in_executor(None, ...)``.  loopwatch sets
+  an instance attribute ``run_in_executor`` on each watched loop (removed on detach) that wraps the
+  function in a small timing shim and, after the call, picks up ``loop._default_executor``.  Its label
+  is ``default`` (``default:<loop>`` for loops other than the first).
+* **Watched executors.** ``watch_executor()`` sets an instance attribute ``submit`` on the executor
+  that wraps the function the same way (``ThreadPoolExecutor``).  A ``ProcessPoolExecutor`` runs its
+  work in other processes: its queue depth, processes and limit are exported, not the queue wait.
+
+The shim records submit -> start (``to_thread_executor_queue_wait_seconds``) and counts the work
+running (``to_thread_executor_busy_threads``); it costs ~1 µs per submitted call.  Queue depth, threads
+and the limit are read at scrape time from the executor's attributes.  A shut-down or garbage-collected
+executor's series disappear.  A wait past ``executor_wait_threshold`` logs ``loopwatch.executor_saturated``
+(at most once per executor per ``LOG_EVERY`` seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import functools
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from ._errors import ConfigError
+from ._log import emit
+
+MAX_EXECUTORS = 100
+MAX_NAME = 128
+LOG_EVERY = 10.0
+BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _nothing() -> None:
+    return None
+
+
+def check_executor(executor: object, name: object) -> None:
+    """Refuse what :func:`loopwatch.watch_executor` cannot watch, with a :class:`ConfigError`."""
+    if not isinstance(executor, (cf.ThreadPoolExecutor, cf.ProcessPoolExecutor)):
+        kind = type(executor)
+        raise ConfigError(f"watch_executor() watches concurrent.futures.ThreadPoolExecutor and "
+                          f"ProcessPoolExecutor (and their subclasses), got {kind.__module__}.{kind.__qualname__}")
+    if (not isinstance(name, str) or not name or len(name) > MAX_NAME or not name.isprintable()
+            or name != name.strip()):
+        raise ConfigError(f"watch_executor() name must be a non-empty printable string of at most {MAX_NAME} "
+                          f"characters without surrounding spaces, got {name!r}")
+
+
+class _Watched:
+    """One executor under watch: the weak reference, the in-flight count, the log rate limit."""
+
+    __slots__ = ("name", "ref", "busy", "last_log", "patched", "__weakref__")
+
+    def __init__(self, name: str, executor: cf.Executor | None) -> None:
+        self.name = name
+        self.ref: Callable[[], Any] = weakref.ref(executor) if executor is not None else _nothing
+        self.busy = 0
+        self.last_log = -LOG_EVERY
+        self.patched = False
+
+
+class Executors:
+    """The executor metrics part and its hooks (see the module docstring)."""
+
+    def __init__(self, metrics: Any, *, threshold: float, clock: Callable[[], float] = time.monotonic,
+                 on_error: Callable[[BaseException], None]) -> None:
+        self._metrics = metrics
+        self.threshold = threshold
+        self._clock = clock
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._watched: dict[str, _Watched] = {}
+        self._loops: dict[str, tuple[weakref.ref[Any], str, Callable[..., Any]]] = {}
+        self.histogram = self._new_histogram()
+
+    def _new_histogram(self) -> Histogram:
+        return Histogram("to_thread_executor_queue_wait_seconds",
+                         "Time from submit to start of work given to an executor.",
+                         ["service", "executor"], namespace=self._metrics.namespace, registry=None,
+                         buckets=BUCKETS)
+
+    def reset(self) -> None:
+        """A forked child: fresh lock and histogram; watched executors stay watched (their threads are
+        gone, and the executor itself starts new ones)."""
+        self._lock = threading.Lock()
+        self.histogram = self._new_histogram()
+        for watched in self._watched.values():
+            watched.busy = 0
+            self.histogram.labels(self._metrics.service, watched.name)
+
+    # -- the timing shim ------------------------------------------------------------------------
+    def _shim(self, watched: _Watched, fn: Callable[..., Any]) -> Callable[..., Any]:
+        submitted = self._clock()
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._started(watched, submitted)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                watched.busy -= 1
+
+        return functools.update_wrapper(timed, fn) if callable(fn) else timed
+
+    def _started(self, watched: _Watched, submitted: float) -> None:
+        watched.busy += 1  # a race with another worker loses at most a count; never raises
+        try:
+            wait = self._clock() - submitted
+            self.histogram.labels(self._metrics.service, watched.name).observe(wait)
+            if wait >= self.threshold:
+                now = self._clock()
+                if now - watched.last_log >= LOG_EVERY:
+                    watched.last_log = now
+                    executor = watched.ref()
+                    emit("warning", "loopwatch.executor_saturated", executor=watched.name,
+                         queue_wait=round(wait, 6), threshold=self.threshold,
+                         **(_numbers(executor) if executor is not None else {}))
+        except Exception as exc:  # noqa: BLE001 - never raise into the work item
+            self._on_error(exc)
+
+    # -- watch_executor --------------------------------------------------------------------------
+    def watch(self, executor: cf.Executor, name: str) -> None:
+        with self._lock:
+            previous = self._watched.get(name)
+            if previous is not None and previous.ref() is executor:
+                return
+            if previous is None and len(self._watched) >= MAX_EXECUTORS:
+                raise ConfigError(f"watch_executor() watches at most {MAX_EXECUTORS} executors; "
+                                  f"{name!r} would be one more")
+            if previous is not None:
+                self._unpatch(previous)
+            watched = _Watched(name, executor)
+            self._watched[name] = watched
+            self.histogram.labels(self._metrics.service, name)
+        if isinstance(executor, cf.ThreadPoolExecutor):
+            self._patch_submit(watched, executor)
+
+    def _patch_submit(self, watched: _Watched, executor: cf.Executor) -> None:
+        original = executor.submit
+        shim = self._shim
+
+        def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+            return original(shim(watched, fn), *args, **kwargs)
+
+        submit.__loopwatch__ = watched  # type: ignore[attr-defined]
+        try:
+            executor.submit = submit  # type: ignore[method-assign]
+            watched.patched = True
+        except AttributeError:  # pragma: no cover - a subclass with __slots__: gauges only
+            pass
+
+    @staticmethod
+    def _unpatch(watched: _Watched) -> None:
+        executor = watched.ref()
+        if executor is None or not watched.patched:
+            return
+        current = getattr(executor, "submit", None)
+        if getattr(current, "__loopwatch__", None) is watched:
+            try:
+                del executor.submit
+            except AttributeError:  # pragma: no cover
+                pass
+        watched.patched = False
+
+    # -- the default executor, per loop ----------------------------------------------------------
+    def attach(self, loop: asyncio.AbstractEventLoop, label: str) -> bool:
+        """Wrap ``loop.run_in_executor`` (an instance attribute); False where it cannot be set."""
+        if label in self._loops:
+            return True
+        name = "default" if not self._loops and label == "main" else f"default:{label}"
+        watched = _Watched(name, None)  # until asyncio creates the default executor
+        original = loop.run_in_executor
+        shim, pick_up = self._shim, self._pick_up
+        loop_ref = weakref.ref(loop)
+
+        def run_in_executor(executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            if executor is not None:
+                return original(executor, func, *args)
+            future = original(None, shim(watched, func), *args)
+            if watched.ref() is None:
+                pick_up(watched, loop_ref)
+            return future
+
+        run_in_executor.__loopwatch__ = watched  # type: ignore[attr-defined]
+        try:
+            loop.run_in_executor = run_in_executor  # type: ignore[method-assign]
+            if loop.run_in_executor is not run_in_executor:
+                return False
+        except (AttributeError, TypeError):
+            return False
+        self._loops[label] = (loop_ref, name, run_in_executor)
+        with self._lock:
+            self._watched[name] = watched
+        self._pick_up(watched, loop_ref)  # set_default_executor() may have been called already
+        return True
+
+    def _pick_up(self, watched: _Watched, loop_ref: weakref.ref[Any]) -> None:
+        loop = loop_ref()
+        executor = getattr(loop, "_default_executor", None) if loop is not None else None
+        if isinstance(executor, cf.Executor):
+            watched.ref = weakref.ref(executor)
+            self.histogram.labels(self._metrics.service, watched.name)
+
+    def detach(self, label: str) -> None:
+        """Stop watching the default executor of the loop labelled ``label`` (closed or collected)."""
+        entry = self._loops.pop(label, None)
+        if entry is None:
+            return
+        loop_ref, name, wrapper = entry
+        loop = loop_ref()
+        with self._lock:
+            self._watched.pop(name, None)
+        try:
+            self.histogram.remove(self._metrics.service, name)
+        except KeyError:
+            pass
+        try:
+            if loop is not None and loop.run_in_executor is wrapper:
+                del loop.run_in_executor
+        except AttributeError:  # pragma: no cover - changed under us: ours stays a pass-through
+            pass
+
+    def stop(self) -> None:
+        with self._lock:
+            watched = list(self._watched.values())
+            self._watched.clear()
+        for item in watched:
+            self._unpatch(item)
+        for loop_ref, _, wrapper in list(self._loops.values()):
+            loop = loop_ref()
+            if loop is not None:
+                try:
+                    if loop.run_in_executor is wrapper:
+                        del loop.run_in_executor
+                except AttributeError:  # pragma: no cover
+                    pass
+        self._loops.clear()
+
+    # -- scrape ----------------------------------------------------------------------------------
+    def collect(self) -> list[Metric]:
+        family, service = self._metrics.family, self._metrics.service
+        depth = family(GaugeMetricFamily, "to_thread_executor_queue_depth",
+                       "Work items waiting for a worker.", ["executor"])
+        threads = family(GaugeMetricFamily, "to_thread_executor_threads",
+                         "Worker threads (processes for a ProcessPoolExecutor) alive.", ["executor"])
+        limit = family(GaugeMetricFamily, "to_thread_executor_max_workers", "The executor's limit.", ["executor"])
+        busy = family(GaugeMetricFamily, "to_thread_executor_busy_threads",
+                      "Workers running a work item (ThreadPoolExecutor).", ["executor"])
+        with self._lock:
+            watched = list(self._watched.items())
+        for name, item in watched:
+            executor = item.ref()
+            if executor is None:
+                continue
+            if getattr(executor, "_shutdown", False) or getattr(executor, "_shutdown_thread", False):
+                self._forget(name, item)
+                continue
+            numbers = _numbers(executor)
+            if not numbers:
+                continue
+            depth.add_metric([service, name], numbers["queue_depth"])
+            threads.add_metric([service, name], numbers["threads"])
+            limit.add_metric([service, name], numbers["max_workers"])
+            if isinstance(executor, cf.ThreadPoolExecutor):
+                busy.add_metric([service, name], float(max(0, min(item.busy, numbers["threads"]))))
+        histograms = [m for m in self.histogram.collect()]
+        return [depth, threads, limit, busy, *histograms]
+
+    def _forget(self, name: str, item: _Watched) -> None:
+        """A shut-down executor: its series go (a default one comes back if asyncio makes a new one)."""
+        self._unpatch(item)
+        if name.startswith("default"):
+            item.ref = _nothing
+        else:
+            with self._lock:
+                if self._watched.get(name) is item:
+                    del self._watched[name]
+        try:
+            self.histogram.remove(self._metrics.service, name)
+        except KeyError:
+            pass
+
+
+def _numbers(executor: Any) -> dict[str, float]:
+    """Queue depth, workers and limit, read from the executor's attributes (never blocks)."""
+    try:
+        if isinstance(executor, cf.ThreadPoolExecutor):
+            queue = executor._work_queue  # type: ignore[attr-defined]
+            return {"queue_depth": float(queue.qsize()), "threads": float(len(executor._threads)),  # type: ignore[attr-defined]
+                    "max_workers": float(executor._max_workers)}  # type: ignore[attr-defined]
+        if isinstance(executor, cf.ProcessPoolExecutor):
+            pending = len(getattr(executor, "_pending_work_items", {}) or {})
+            processes = getattr(executor, "_processes", None) or {}
+            workers = float(getattr(executor, "_max_workers", 0) or 0)
+            # Pending items include the ones running (at most one per process).
+            return {"queue_depth": float(max(0, pending - len(processes))), "threads": float(len(processes)),
+                    "max_workers": workers}
+    except (AttributeError, TypeError, RuntimeError):
+        return {}
+    return {}

@@ -1,0 +1,155 @@
+"""GIL contention, measured directly: how long a thread that wakes up waits before it runs again.
+
+A probe thread (``loopwatch-gil``) sleeps ``gil_probe_interval`` seconds with the GIL released, then
+measures how late it runs again.  That lateness is the kernel's wake-up (tens of µs) plus the wait for
+the GIL.  CPython hands the GIL over every ``sys.getswitchinterval()`` (5 ms) when a thread asks for it:
+
+* nobody else wants the GIL (idle app, or a loop waiting for I/O): the probe runs again at once;
+* one thread holds it running Python (a CPU-bound loop, a ``json.dumps``): the probe waits one switch
+  interval, asks, and gets it -- no contention, just one busy thread;
+* N threads run Python: they take turns, and a thread that wakes up waits behind the others, about
+  ``N - 1`` switch intervals more.
+
+So ``gil_wait_seconds`` (histogram) is the raw wait, and ``gil_contention`` is
+``max(0, wait / switch_interval - 1)`` averaged over the last ``WINDOW`` samples: about the number of
+*other* threads a thread that becomes ready has to wait behind; ~0 with one busy thread, ~1 with two,
+~3 with four.  On a free-threaded build with the GIL disabled there is nothing to wait for: the probe
+does not run and ``gil_enabled`` is 0.
+
+Why a probe thread is affordable here (the watchdog avoids waking up): the probe holds the GIL for a few
+µs per sample, 10 times a second; a loop waiting in ``select()`` gives it the GIL at once, and a busy one
+hands it over at its next I/O call or after one switch interval.  The benchmark measures it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from prometheus_client import Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+WINDOW = 100  # samples averaged by gil_contention (10 s at the default interval)
+BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def gil_enabled() -> bool:
+    """False on a free-threaded build running without the GIL (``python3.13t``)."""
+    probe = getattr(sys, "_is_gil_enabled", None)
+    return True if probe is None else bool(probe())
+
+
+class GilContention:
+    """The samples and their series; fed by :class:`GilProbe` (or a test, with its own numbers)."""
+
+    def __init__(self, metrics: object, *, switch_interval: Callable[[], float] = sys.getswitchinterval,
+                 enabled: bool | None = None) -> None:
+        self._metrics = metrics
+        self._switch_interval = switch_interval
+        self.enabled = gil_enabled() if enabled is None else enabled
+        self._window: deque[float] = deque(maxlen=WINDOW)
+        self._lock = threading.Lock()
+        self.histogram = self._new_histogram()
+
+    def _new_histogram(self) -> Histogram:
+        metrics = self._metrics
+        histogram = Histogram(
+            "gil_wait_seconds", "How late the GIL probe thread ran again after each sleep: the wait for the "
+            "GIL (one switch interval when one thread runs Python, more when several compete).",
+            ["service"], namespace=metrics.namespace, registry=None, buckets=BUCKETS)  # type: ignore[attr-defined]
+        histogram.labels(metrics.service)  # type: ignore[attr-defined]
+        return histogram
+
+    def reset(self) -> None:
+        """A forked child: fresh lock and histogram, no samples."""
+        self._lock = threading.Lock()
+        self._window = deque(maxlen=WINDOW)
+        self.histogram = self._new_histogram()
+
+    def record(self, wait: float) -> None:
+        wait = max(0.0, wait)
+        interval = self._switch_interval() or 0.005
+        self.histogram.labels(self._metrics.service).observe(wait)  # type: ignore[attr-defined]
+        with self._lock:
+            self._window.append(max(0.0, wait / interval - 1.0))
+
+    def contention(self) -> float | None:
+        with self._lock:
+            if not self._window:
+                return None
+            return sum(self._window) / len(self._window)
+
+    def collect(self) -> list[Metric]:
+        metrics = self._metrics
+        family = metrics.family  # type: ignore[attr-defined]
+        enabled = family(GaugeMetricFamily, "gil_enabled",
+                         "1 if this interpreter has a GIL, 0 on a free-threaded build running without it.")
+        enabled.add_metric([metrics.service], 1.0 if self.enabled else 0.0)  # type: ignore[attr-defined]
+        if not self.enabled:
+            return [enabled]
+        out: list[Metric] = [enabled]
+        value = self.contention()
+        if value is not None:
+            gauge = family(GaugeMetricFamily, "gil_contention",
+                           f"About how many other threads a thread that wakes up waits behind for the GIL "
+                           f"(mean of max(0, wait / switch interval - 1) over the last {WINDOW} probes); "
+                           f"0 with one busy thread.")
+            gauge.add_metric([metrics.service], value)  # type: ignore[attr-defined]
+            out.append(gauge)
+        switch = family(GaugeMetricFamily, "gil_switch_interval_seconds", "sys.getswitchinterval().")
+        switch.add_metric([metrics.service], self._switch_interval())  # type: ignore[attr-defined]
+        out.append(switch)
+        out.extend(self.histogram.collect())
+        return out
+
+
+class GilProbe:
+    """The ``loopwatch-gil`` thread: sleep, measure how late it runs again, record."""
+
+    def __init__(self, contention: GilContention, interval: float, *,
+                 on_error: Callable[[BaseException], None]) -> None:
+        self._contention = contention
+        self.interval = interval
+        self._on_error = on_error
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.running or not self._contention.enabled or self.interval <= 0:
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loopwatch-gil", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def abandon(self) -> None:
+        """A forked child: the thread does not exist there; forget it without joining."""
+        self._thread = None
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        stop, interval, clock = self._stop, self.interval, time.perf_counter
+        failures = 0
+        while True:
+            due = clock() + interval
+            if stop.wait(interval):  # the lock's timed wait releases the GIL, like any sleep
+                return
+            try:
+                self._contention.record(clock() - due)
+            except Exception as exc:  # noqa: BLE001 - never let the thread die silently
+                failures += 1
+                self._on_error(exc)
+                if failures >= 3:
+                    return
