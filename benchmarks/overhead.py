@@ -64,7 +64,8 @@ TARGET_HTTP_COST = 0.01  # HTTP service under load: defaults cost <= 1% of reque
 # step than in real life: under callgrind they are parked (the probe) or scaled by 50 (the slow-callback
 # threshold, so that an iteration slowed by valgrind does not switch exact timing on).  The per-iteration
 # selector wrapper stays active: it is what figures 2 and 4 measure.
-CALLGRIND_PARKED: dict[str, Any] = {"probe_interval": 60, "faulthandler": False, "slow_callback_threshold": 5.0}
+CALLGRIND_PARKED: dict[str, Any] = {"probe_interval": 60, "faulthandler": False, "slow_callback_threshold": 5.0,
+                                    "gil_probe_interval": 60}
 HOOK_VARIANTS = ("none", "auto", "exact", "debug")
 HOOK_SHAPES = (1, 20)  # concurrent call_soon chains = callbacks per loop iteration
 MARKER = "getsid"  # callgrind --dump-before=getsid: os.getsid(0) separates the measured segments
@@ -1062,7 +1063,7 @@ def render(result: dict[str, Any]) -> str:
         add(f"   workload: {w['tasks']} tasks x {w['steps']} sleep(0) steps + {w['chains']} call_soon chains x "
             f"{w['chain_len']} = {wall['callbacks_per_round']:,} callbacks/round; median of {w['rounds']} rounds "
             f"per run; {len(wall['pairs'])} interleaved pairs, fresh process per run")
-        add("   with: install() defaults (probe 0.5 s, faulthandler, watchdog, selector wrapper, exporter on a "
+        add("   with: install() defaults (probe 0.5 s, faulthandler, watchdog, selector wrapper, GIL probe 1/s, exporter on a "
             "loopback port)")
         add(f"   {'':28}{'median':>10}{'q1':>10}{'q3':>10}{'min':>10}{'max':>10}")
         for key, label, scale, fmt in (("without_s", "without (ms/round)", 1e3, "{:10.1f}"),
@@ -1109,7 +1110,7 @@ def render(result: dict[str, Any]) -> str:
     if isinstance(idle, dict) and "with" in idle:
         s = idle["scrapes"]
         add(f"   {idle['with']['window_s']:.1f} s window; with loopwatch at its defaults (probe 0.5 s, "
-            f"faulthandler on, exporter) scraped 1/s: {s['ok']} ok, {s['failed']} failed")
+            f"faulthandler on, GIL probe 1/s, exporter) scraped 1/s: {s['ok']} ok, {s['failed']} failed")
         add(f"   without loopwatch  {idle['without']['cpu_ms_per_s']:8.2f} CPU ms/s")
         add(f"   with loopwatch     {idle['with']['cpu_ms_per_s']:8.2f} CPU ms/s   "
             f"(delta {idle['delta_ms_per_s']:+.2f})   target <= {TARGET_IDLE_MS:.0f} ms/s: "
@@ -1117,6 +1118,13 @@ def render(result: dict[str, Any]) -> str:
         parts = ", ".join(f"{name} {value:.2f}" for name, value in
                           sorted(idle["with"]["threads_ms_per_s"].items(), key=lambda kv: -kv[1]))
         add(f"   by thread (ms/s): {parts}")
+        threads = idle["with"]["threads_ms_per_s"]
+        gil = threads.get("loopwatch-gil")
+        exporter = threads.get("loopwatch-exporter")
+        if gil is not None:
+            add(f"   samplers at their default rate, in CPU seconds per hour: GIL probe (1 sample/s) "
+                f"{3.6 * gil:.2f}; exporter thread, which reads per-thread CPU, executors and tasks at each "
+                f"scrape (1 scrape/s here; Prometheus' default is 1 per 15 s) {3.6 * (exporter or 0.0):.2f}")
     else:
         add(f"   not measured: {idle}")
     add("")

@@ -56,7 +56,7 @@ class Options:
     faulthandler: bool = True
     slow_callback_threshold: float = 0.1
     slow_callback_mode: str = "auto"
-    gil_probe_interval: float = 0.1
+    gil_probe_interval: float = 1.0
     executor_wait_threshold: float = 0.5
 
     @property

@@ -31,6 +31,7 @@ from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ._errors import ConfigError
+from ._hooks import instance_attribute
 from ._log import emit
 
 MAX_EXECUTORS = 100
@@ -177,9 +178,15 @@ class Executors:
             return True
         name = "default" if not self._loops and label == "main" else f"default:{label}"
         watched = _Watched(name, None)  # until asyncio creates the default executor
-        original = loop.run_in_executor
+        previous = instance_attribute(loop, "run_in_executor")
+        method = type(loop).run_in_executor
         shim, pick_up = self._shim, self._pick_up
-        loop_ref = weakref.ref(loop)
+        loop_ref = weakref.ref(loop)  # never the loop itself: the wrapper lives on it (no cycle, no leak)
+
+        def original(executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            if previous is not None:
+                return previous(executor, func, *args)
+            return method(loop_ref(), executor, func, *args)
 
         def run_in_executor(executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
             if executor is not None:

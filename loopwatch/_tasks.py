@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ._errors import ConfigError
+from ._hooks import instance_attribute
 from ._labels import TopN
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class TaskHealth:
         if loop is None or probe in self._handlers:
             return
         try:
-            previous = _instance_handler(loop)
+            previous = instance_attribute(loop, "call_exception_handler")
             handler = _ChainedHandler(loop, self._count, previous)
             loop.call_exception_handler = handler  # type: ignore[method-assign]
             if loop.call_exception_handler is not handler:
@@ -262,17 +263,6 @@ def _unchain(handler: _ChainedHandler) -> None:
                 del loop.call_exception_handler
     except (TypeError, AttributeError):  # pragma: no cover - changed under us: ours stays a pass-through
         pass
-
-
-def _instance_handler(loop: asyncio.AbstractEventLoop) -> Callable[[dict[str, Any]], Any] | None:
-    """What an instance attribute ``call_exception_handler`` holds (someone chained before us), or None
-    when it is the class's method.  Deliberately not ``vars(loop)``: on CPython >= 3.11 that materializes
-    the instance ``__dict__`` and slows every attribute access of the loop's hot path (~14% measured)."""
-    current = loop.call_exception_handler
-    method = getattr(type(loop), "call_exception_handler", None)
-    if getattr(current, "__self__", None) is loop and getattr(current, "__func__", None) is method:
-        return None
-    return current
 
 
 def check_queue(queue: object, name: object) -> None:

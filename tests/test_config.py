@@ -21,7 +21,7 @@ def test_defaults() -> None:
     assert options.dump_keep == 20
     assert options.faulthandler is True
     assert options.dump_threshold == 0.5
-    assert options.gil_probe_interval == 0.1
+    assert options.gil_probe_interval == 1.0
     assert options.executor_wait_threshold == 0.5
     assert resolve({"gil_probe_interval": "0"}, environ={}).gil_probe_interval == 0.0
 

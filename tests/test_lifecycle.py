@@ -92,7 +92,7 @@ def test_install_twice_returns_the_same_agent(registry, tmp_path):
     assert loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path) is first
     assert loopwatch.install() is first
     # only one watchdog, one registration
-    assert [t.name for t in loopwatch_threads()] == ["loopwatch-watchdog"]
+    assert sorted(t.name for t in loopwatch_threads()) == ["loopwatch-gil", "loopwatch-watchdog"]
     families = [family.name for family in registry.collect()]
     assert families.count("loopwatch_errors") == 1, families
     assert len(families) == len(set(families)), families
@@ -150,7 +150,7 @@ def test_uninstall_restores_everything_and_reinstall_works(registry, tmp_path):
     assert agent.metrics_url == f"http://127.0.0.1:{port}/metrics"
     assert asyncio.events._set_running_loop is not ORIGINAL_EVENTS_SET_RUNNING_LOOP
     assert asyncio._set_running_loop is not ORIGINAL_ASYNCIO_SET_RUNNING_LOOP
-    assert {t.name for t in loopwatch_threads()} == {"loopwatch-watchdog", "loopwatch-exporter"}
+    assert {t.name for t in loopwatch_threads()} == {"loopwatch-watchdog", "loopwatch-exporter", "loopwatch-gil"}
     assert b"loopwatch_" in prometheus_client.generate_latest(registry)
     assert len(list(tmp_path.glob("loopwatch-inflight-*.txt"))) == 1
 
