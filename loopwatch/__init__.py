@@ -32,6 +32,7 @@ __all__ = [
     "install",
     "uninstall",
     "watch_executor",
+    "watch_pool",
     "watch_queue",
 ]
 
@@ -125,6 +126,31 @@ def watch_executor(executor: _Executor, name: str) -> _Executor:
         raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_executor()")
     agent.executors.watch(executor, name)
     return executor
+
+
+_Pool = TypeVar("_Pool")
+
+
+def watch_pool(pool: _Pool, name: str) -> _Pool:
+    """Export ``db_client_connection_*{pool_name=name}`` for a database or cache pool; returns it.
+
+    Recognised without saying which: asyncpg ``Pool``; psycopg_pool ``ConnectionPool`` and
+    ``AsyncConnectionPool``; SQLAlchemy ``Engine``, ``AsyncEngine`` and their pools; redis-py connection
+    pools, sync and asyncio, plain and blocking (or a ``Redis`` client, for its pool); aiopg and aiomysql
+    pools.  Anything else raises :class:`ConfigError` listing what is supported.  The pool is held weakly;
+    once it is closed or collected its series disappear.  ``name`` is a non-empty printable string (at
+    most 128 characters); watching another pool under a taken name replaces it.  Raises ``RuntimeError``
+    if loopwatch is not installed.
+    """
+    if (not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable()
+            or name != name.strip()):
+        raise ConfigError(f"watch_pool() name must be a non-empty printable string of at most 128 characters "
+                          f"without surrounding spaces, got {name!r}")
+    agent = _agent
+    if agent is None or not agent.started:
+        raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_pool()")
+    agent.pools.watch(pool, name)
+    return pool
 
 
 _Queue = TypeVar("_Queue", bound=asyncio.Queue[Any])

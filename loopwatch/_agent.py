@@ -31,6 +31,7 @@ from ._hooks import LoopHooks
 from ._log import Guard, emit, logger
 from ._metrics import Metrics
 from ._native import INFLIGHT_PREFIX, NativeWatch, parse_header
+from ._pools import Pools
 from ._probe import LoopProbe
 from ._tasks import TaskHealth
 from ._threads import ThreadCpu
@@ -88,6 +89,8 @@ class Agent:
         self.executors = Executors(self.metrics, threshold=options.executor_wait_threshold, clock=clock,
                                    on_error=lambda exc: self.guard.report("executor", exc))
         self.metrics.add_part("executor", self.executors.collect, reset=self.executors.reset)
+        self.pools = Pools(self.metrics, clock=clock, on_error=lambda exc: self.guard.report("pool", exc))
+        self.metrics.add_part("pool", self.pools.collect, reset=self.pools.reset)
         self.writer = DumpWriter(options.dump_dir, keep=options.dump_keep, cooldown=options.dump_cooldown,
                                  clock=clock)
         self._lock = threading.RLock()
@@ -162,6 +165,8 @@ class Agent:
             self.task_health.stop()
         with self.guard("executor"):
             self.executors.stop()
+        with self.guard("pool"):
+            self.pools.stop()
         for probe in probes:
             with self.guard("probe"):
                 probe.stop()

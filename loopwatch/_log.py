@@ -25,7 +25,7 @@ def emit(level: str, event: str, **fields: object) -> None:
 
 
 COMPONENTS = ("probe", "watchdog", "dump", "exporter", "collector", "faulthandler", "hooks", "fork", "threads",
-              "gil", "executor")
+              "gil", "executor", "pool")
 
 
 class Guard:

@@ -109,5 +109,5 @@ def test_registry_clash_is_a_config_error(registry: CollectorRegistry, tmp_path:
 def test_public_surface() -> None:
     assert set(loopwatch.__all__) == {"Agent", "AgentSnapshot", "ConfigError", "LoopSnapshot", "Options",
                                       "__version__", "dump", "install", "uninstall", "watch_executor",
-                                      "watch_queue"}
+                                      "watch_pool", "watch_queue"}
     assert re.match(r"^\d+\.\d+\.\d+", loopwatch.__version__)
