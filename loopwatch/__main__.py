@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ._config import resolve
-from ._dashboards import DEFAULT_NAMESPACE, render
+from ._dashboards import DEFAULT_NAMESPACE, RUNBOOK, render
 from ._errors import ConfigError
 
 
@@ -25,12 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     dashboards.add_argument("--namespace", default=DEFAULT_NAMESPACE,
                             help=f"metric name prefix, as given to install() (default {DEFAULT_NAMESPACE})")
     dashboards.add_argument("--out", default=".", help="directory to write into (created if missing; default .)")
+    dashboards.add_argument("--runbook-url", default=RUNBOOK,
+                            help="where your copy of dashboards/RUNBOOK.md is served; each alert's runbook_url "
+                                 "is this plus '#<alertname in lower case>' (default: the project's)")
     args = parser.parse_args(argv)
     try:
         namespace = resolve({"namespace": args.namespace}, environ={}).namespace
     except ConfigError as exc:
         parser.error(str(exc))
-    for path in render(namespace, Path(args.out)):
+    for path in render(namespace, Path(args.out), args.runbook_url):
         print(path)
     return 0
 
