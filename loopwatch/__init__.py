@@ -57,6 +57,7 @@ def install(
     slow_callback_mode: str | None = None,
     gil_probe_interval: float | None = None,
     executor_wait_threshold: float | None = None,
+    native_stacks: bool | None = None,
 ) -> Agent:
     """Install the agent (idempotent) and return it.
 

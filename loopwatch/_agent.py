@@ -22,7 +22,7 @@ import psutil
 
 from . import _fork, _frames
 from ._config import Options
-from ._dumps import DumpWriter, safe_reason
+from ._dumps import DumpWriter, safe_reason, write_private
 from ._errors import ConfigError
 from ._executors import Executors
 from ._exporter import Exporter
@@ -32,6 +32,7 @@ from ._log import Guard, emit, logger
 from ._metrics import Metrics
 from ._native import INFLIGHT_PREFIX, NativeWatch, parse_header
 from ._pools import Pools
+from ._pyspy import NativeStacks, find_pyspy
 from ._probe import LoopProbe
 from ._tasks import TaskHealth
 from ._threads import ThreadCpu
@@ -102,6 +103,7 @@ class Agent:
                                 lambda exc: self.guard.report("hooks", exc))
         self.watchdog = Watchdog(self, clock=clock)
         self._degraded: list[str] = []
+        self.native_stacks: NativeStacks | None = None
         self._registered = False
         self.started = False
         self.fork_pending = False  # a forked child that has not resumed yet (see _fork)
@@ -135,6 +137,8 @@ class Agent:
         if self._native is not None and self.watchdog.waker_note is not None:
             emit("info", "loopwatch.watchdog_polling", reason=self.watchdog.waker_note)
         self.gil_probe.start()
+        if self.options.native_stacks:
+            self._start_native_stacks()
         atexit.register(self.stop)
         _fork.register(self)
         try:
@@ -187,6 +191,18 @@ class Agent:
             except KeyError:
                 pass
         logger.info("loopwatch.uninstalled")
+
+    def _start_native_stacks(self) -> None:
+        binary = find_pyspy()
+        if binary is None:
+            self._degrade("native_stacks", "py-spy not found next to the interpreter or on PATH: "
+                                           "pip install 'loopwatch[pyspy]'")
+            return
+        if not self.writer.enabled:
+            return  # no dumps to add native stacks to (already reported as degraded)
+        self.native_stacks = NativeStacks(
+            binary=binary, degrade=lambda reason: self._degrade("native_stacks", reason),
+            on_error=lambda exc: self.guard.report("native", exc), log=emit)
 
     def _degrade(self, feature: str, reason: str) -> None:
         self._degraded.append(f"{feature}: {reason}")
@@ -409,11 +425,26 @@ class Agent:
 
     def _after_write(self, dump: dict[str, Any], path: Path) -> None:
         self.metrics.count_dump(dump["reason"])
+        if self.native_stacks is not None and dump.get("source") == "watchdog" and dump["reason"] == "event_loop_lag":
+            self._enrich_natively(dump, path)
         culprit = dump.get("culprit")
         emit("warning", "loopwatch.dump", reason=dump["reason"], path=str(path), loop=dump.get("loop"),
                        stall_seconds=dump.get("stall_seconds"), source=dump.get("source"),
                        culprit=None if not culprit else
                        f"{culprit['filename']}:{culprit['lineno']} in {culprit['function']}")
+
+    def _enrich_natively(self, dump: dict[str, Any], path: Path) -> None:
+        """py-spy adds the loop thread's native stack to this mid-stall dump, if the stall lasts."""
+        probe = next((p for p in self._probes if p.label == dump.get("loop")), None)
+        if probe is None or self.native_stacks is None:
+            return
+        due = probe.expected_at
+
+        def still_stalled() -> bool:
+            return probe.expected_at == due and probe._clock() > due
+
+        with self.guard("native"):
+            self.native_stacks.enrich(path, probe.native_id, still_stalled, write=write_private)
 
     def dump(self, reason: str = "manual") -> Path:
         """Write a dump now (from any thread); raises ``RuntimeError`` if dumps are disabled."""

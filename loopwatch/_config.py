@@ -58,6 +58,7 @@ class Options:
     slow_callback_mode: str = "auto"
     gil_probe_interval: float = 1.0
     executor_wait_threshold: float = 0.5
+    native_stacks: bool = False
 
     @property
     def dump_threshold(self) -> float:
@@ -221,7 +222,7 @@ def _validate(name: str, value: Any, source: str | None) -> Any:
     if name == "dump_keep":
         return _integer(name, value, source, low=0, high=100000,
                         what="an integer between 0 and 100000 (0 = no dumps)")
-    if name == "faulthandler":
+    if name in ("faulthandler", "native_stacks"):
         return _boolean(name, value, source)
     if name == "slow_callback_threshold":
         return _number(name, value, source, low=0.001, high=60.0, low_inclusive=True,

@@ -168,6 +168,8 @@ def _forget_parent(agent: Agent, parent_pid: int) -> None:
     if exporter is not None:
         exporter.abandon()
     agent.gil_probe.abandon()
+    if agent.native_stacks is not None:
+        agent.native_stacks._busy = threading.Lock()  # a py-spy run of the parent's is not the child's
     watchdog = agent.watchdog
     waker, watchdog.waker = watchdog.waker, None
     watchdog.waker_note = None

@@ -25,7 +25,8 @@ def emit(level: str, event: str, **fields: object) -> None:
 
 
 COMPONENTS = ("probe", "watchdog", "dump", "exporter", "collector", "faulthandler", "hooks", "fork", "threads",
-              "gil", "executor", "pool")
+              "gil", "executor", "pool",
+              "native")
 
 
 class Guard:
