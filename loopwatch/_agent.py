@@ -251,7 +251,7 @@ class Agent:
                 if probe.loop is loop:
                     if not probe.running:
                         probe.resume()
-                        self._poke_if_polled(probe)
+                        self.watchdog.poke()
                     return probe
             for closed in [p for p in self._probes if p.closed]:
                 self._detach_locked(closed)
@@ -280,7 +280,7 @@ class Agent:
             if not self.executors.attach(loop, probe.label):
                 self._degrade("executor", f"cannot wrap {type(loop).__qualname__}.run_in_executor: the default "
                                           f"executor of loop {probe.label!r} is not measured")
-        self._poke_if_polled(probe)
+        self.watchdog.poke()
         return probe
 
     def attach_current_loop(self) -> None:
@@ -292,11 +292,6 @@ class Agent:
         except RuntimeError:
             return
         self.attach(loop)
-
-    def _poke_if_polled(self, probe: LoopProbe) -> None:
-        """A loop that faulthandler does not cover needs a watchdog deadline from now on."""
-        if self.native_for(probe) is None or not self.watchdog.covered:
-            self.watchdog.poke()
 
     def _new_label(self) -> str:
         thread = threading.current_thread()

@@ -1,10 +1,17 @@
-"""A watchdog that needs no GIL: ``faulthandler.dump_traceback_later``'s C thread.
+"""A watchdog that needs no GIL: ``faulthandler.dump_traceback_later``'s C thread, as a fallback.
 
 When a C call holds the GIL for a whole stall (catastrophic ``re`` backtracking, a huge
 ``json.dumps``) no Python thread can run, so the Python watchdog cannot take a stack.  The lag probe
-therefore re-arms ``faulthandler.dump_traceback_later`` on every beat with a timeout just past the dump
-threshold; if the loop misses it, faulthandler's C thread writes every thread's stack into this
-"in-flight" file *while the stall is still going on*.  After the stall the watchdog turns that text into
+therefore re-arms ``faulthandler.dump_traceback_later`` on every beat with a timeout ``FALLBACK_AFTER``
+seconds past the dump threshold; if the loop misses it, faulthandler's C thread writes every thread's
+stack into this "in-flight" file *while the stall is still going on*.
+
+Only as a fallback: faulthandler walks every thread's frames without the GIL, which is safe while one
+thread holds the GIL in C (nothing else runs Python) but not while other threads run Python -- it then
+reads frames being pushed and can crash the process (seen: SIGSEGV in ``PyCode_Addr2Line`` from
+``faulthandler_thread``, about 1 stall in 10 with busy threads).  So the Python watchdog looks first, at
+the threshold; if it can run, the GIL is free, it takes the stacks itself and cancels this timer.  The
+timer fires only when the watchdog could not run: when the GIL is held.  After the stall the watchdog turns that text into
 a normal JSON dump; if the process dies mid-stall (a liveness probe kill), the next ``install()`` on the
 same ``dump_dir`` converts the leftover file.
 
@@ -22,7 +29,8 @@ from pathlib import Path
 from ._dumps import PREFIX
 
 INFLIGHT_PREFIX = f"{PREFIX}inflight-"
-FIRE_AT = 0.9  # faulthandler fires when the lag reaches this share of the dump threshold
+FIRE_AT = 0.9  # the watchdog samples the loop thread from this share of the dump threshold on
+FALLBACK_AFTER = 0.25  # seconds past the dump threshold at which faulthandler fires (see the docstring)
 _HEADER = re.compile(r"^# loopwatch in-flight pid=(\d+) created=(\d+) loop_thread=(0x[0-9a-f]+|none) "
                      r"probe_interval=([0-9.]+) service=(.*)$")
 
@@ -52,9 +60,9 @@ class NativeWatch:
         self._created_ms = created_ms
         self._service = service
         self.probe_interval = probe_interval
-        # Fire just before the loop's beat is dump_threshold late: the stack is on disk even if the GIL
-        # is held, and (see _waker) the Python watchdog is woken in time to take the full dump itself.
-        self.timeout = probe_interval + FIRE_AT * dump_threshold
+        # Fire FALLBACK_AFTER seconds after the Python watchdog's look at the threshold: only a stall in
+        # which the watchdog could not run (the GIL is held) leaves the timer armed that long.
+        self.timeout = probe_interval + dump_threshold + FALLBACK_AFTER
         self._fd: int | None = None
         self._header_len = 0
         self.loop_thread: int | None = None

@@ -1,10 +1,11 @@
 """The watchdog thread: sees stalls while they are still going on.
 
 It sleeps until the first moment a heartbeat could be overdue by the first threshold (a healthy loop
-wakes it about once a second: every wake-up of a Python thread costs a busy loop some GIL hand-offs),
+wakes it about once per beat: every wake-up of a Python thread costs a busy loop some GIL hand-offs),
 then reads each probe's heartbeat.  A beat that is overdue by more than the first threshold is a stall
-in progress (checked every ``watchdog_interval`` until it ends): the watchdog counts each threshold as the lag crosses it, and
-once per stall takes the loop thread's stack (``sys._current_frames()``), re-checks the heartbeat
+in progress (checked every ``watchdog_interval`` until it ends): the watchdog counts each threshold as
+the lag crosses it, cancels faulthandler's fallback timer (it runs, so the GIL is free: see ``_native``),
+and once per stall takes the loop thread's stack (``sys._current_frames()``), re-checks the heartbeat
 (if the stall ended meanwhile the stack belongs to healthy code and is discarded) and writes the dump.
 When the probe finally beats, the stall is over: the watchdog logs ``loopwatch.stall`` with its
 duration, culprit, dump path and kind.  Stalls it could not see live -- the GIL was held the whole
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 MIN_KIND_WINDOW = 0.02  # seconds: the shortest window inside a stall that its kind is judged on
 MAX_SLEEP = 2.0  # the watchdog looks at least this often (closed loops, housekeeping) ...
-MAX_SLEEP_COVERED = 5.0  # ... or this often when faulthandler wakes it (see _waker)
 OWNER_SLACK = 0.95  # a late beat owns faulthandler's text when its delay reaches this share of the fire time
 _DUMP_FAILED = "the dump could not be written: see loopwatch.error and errors_total{component=\"dump\"}"
 
@@ -100,11 +100,6 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
         self._thread.start()
 
-    @property
-    def covered(self) -> bool:
-        """True if faulthandler's firing wakes the watchdog (see ``_waker``)."""
-        return self.waker is not None and self.waker.watching
-
     def poke(self) -> None:
         """Look now (a loop was attached or resumed): its deadline may be earlier than the planned one."""
         if self.waker is not None:
@@ -166,11 +161,11 @@ class Watchdog:
     def next_wait(self, now: float) -> float:
         """Seconds until the next look: soon during a stall, else when the first beat could be late.
 
-        Loops covered by faulthandler's wake-up (see ``_waker``) set no deadline at all.
+        Every running loop sets a deadline, faulthandler's included: the watchdog must look before
+        faulthandler's fallback timer fires (see ``_native``), so it wakes about once per beat.
         """
         interval = self._options.watchdog_interval
-        covered = self.covered
-        longest = MAX_SLEEP_COVERED if covered else MAX_SLEEP
+        longest = MAX_SLEEP
         deadline = now + longest
         for probe in self._agent.probes():
             state = self._states.get(probe)
@@ -179,7 +174,7 @@ class Watchdog:
             native = self._agent.native_for(probe)
             if native is not None and native.has_output():
                 return interval  # faulthandler fired: a stall may be starting
-            if not probe.running or (native is not None and covered):
+            if not probe.running:
                 continue
             deadline = min(deadline, probe.expected_at + self._options.dump_threshold)
         return min(longest, max(interval / 2, deadline - now))
@@ -225,6 +220,11 @@ class Watchdog:
                 self._agent.metrics.count_spike(probe.label, threshold)
         if not stall.captured and not starving:
             stall.captured = True
+            native = self._agent.native_for(probe)
+            if native is not None and not native.has_output():
+                # We run, so the GIL is free and other threads may run Python: faulthandler must not walk
+                # their frames now (see _native).  The probe re-arms it at its next beat.
+                native.cancel()
             self._capture(probe, state, stall, now)
 
     def _early_fire(self, probe: LoopProbe, state: _ProbeState, key: float) -> None:
