@@ -134,8 +134,8 @@ class Agent:
         for note in self._hooks.notes:
             self._degrade("hooks", note)
         self.watchdog.start(self._native)
-        if self._native is not None and self.watchdog.waker_note is not None:
-            emit("info", "loopwatch.watchdog_polling", reason=self.watchdog.waker_note)
+        if self.watchdog.timer_note is not None:
+            emit("info", "loopwatch.watchdog_polling", reason=self.watchdog.timer_note)
         self.gil_probe.start()
         if self.options.native_stacks:
             self._start_native_stacks()
@@ -273,6 +273,7 @@ class Agent:
                 native.set_loop_thread(probe.thread_ident)
                 probe.on_beat = native.arm
             self._probes = (*self._probes, probe)
+            probe.on_scheduled = self._arm_watchdog
         probe.start()
         with self.guard("hooks"):
             self.task_health.attach(probe)
@@ -292,6 +293,12 @@ class Agent:
         except RuntimeError:
             return
         self.attach(loop)
+
+    def _arm_watchdog(self) -> None:
+        try:
+            self.watchdog.arm()
+        except Exception as exc:  # noqa: BLE001 - called on the loop thread: never raise into it
+            self.guard.report("watchdog", exc)
 
     def _new_label(self) -> str:
         thread = threading.current_thread()

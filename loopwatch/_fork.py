@@ -173,6 +173,7 @@ def _forget_parent(agent: Agent, parent_pid: int) -> None:
     watchdog = agent.watchdog
     waker, watchdog.waker = watchdog.waker, None
     watchdog.waker_note = None
+    watchdog.timer_note = None
     if waker is not None:
         waker.close()
     native, agent._native = agent._native, None
@@ -214,8 +215,8 @@ def resume(agent: Agent) -> None:
         if agent.options.metrics_port:
             agent._start_exporter()
         agent.watchdog.start(agent._native)
-        if agent._native is not None and agent.watchdog.waker_note is not None:
-            emit("info", "loopwatch.watchdog_polling", reason=agent.watchdog.waker_note)
+        if agent.watchdog.timer_note is not None:
+            emit("info", "loopwatch.watchdog_polling", reason=agent.watchdog.timer_note)
         agent.gil_probe.start()
     emit("info", "loopwatch.forked", pid=os.getpid(), parent_pid=agent.parent_pid,
          metrics_url=agent.metrics_url, dump_dir=str(agent.options.dump_dir))

@@ -45,6 +45,7 @@ class LoopProbe:
         self._late_threshold = late_threshold
         self._observe = observe
         self.on_beat = on_beat
+        self.on_scheduled: Callable[[], None] | None = None  # set by the agent: re-arms the watchdog's timer
         self._on_error = on_error
         self._clock = clock
         self._handle: asyncio.TimerHandle | None = None
@@ -125,6 +126,9 @@ class LoopProbe:
         loop = self.loop
         if loop is not None:
             self._handle = loop.call_later(self.interval, self._fire)
+        hook = self.on_scheduled
+        if hook is not None:
+            hook()  # the watchdog's timer follows the new due time (see _waker)
 
     def _fire(self) -> None:
         if self.stopped:

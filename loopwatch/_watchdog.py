@@ -1,8 +1,8 @@
 """The watchdog thread: sees stalls while they are still going on.
 
-It sleeps until the first moment a heartbeat could be overdue by the first threshold (a healthy loop
-wakes it about once per beat: every wake-up of a Python thread costs a busy loop some GIL hand-offs),
-then reads each probe's heartbeat.  A beat that is overdue by more than the first threshold is a stall
+It sleeps until a heartbeat is overdue by the first threshold -- woken by the beats' timerfd (see
+``_waker``), so a healthy loop does not wake it: every wake-up of a Python thread costs a busy loop some
+GIL hand-offs -- then reads each probe's heartbeat.  A beat that is overdue by more than the first threshold is a stall
 in progress (checked every ``watchdog_interval`` until it ends): the watchdog counts each threshold as
 the lag crosses it, cancels faulthandler's fallback timer (it runs, so the GIL is free: see ``_native``),
 and once per stall takes the loop thread's stack (``sys._current_frames()``), re-checks the heartbeat
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 MIN_KIND_WINDOW = 0.02  # seconds: the shortest window inside a stall that its kind is judged on
 MAX_SLEEP = 2.0  # the watchdog looks at least this often (closed loops, housekeeping) ...
+MAX_SLEEP_TIMED = 5.0  # ... or this often when the beats' timer wakes it (see _waker)
 OWNER_SLACK = 0.95  # a late beat owns faulthandler's text when its delay reaches this share of the fire time
 _DUMP_FAILED = "the dump could not be written: see loopwatch.error and errors_total{component=\"dump\"}"
 
@@ -88,6 +89,7 @@ class Watchdog:
         self._states: dict[LoopProbe, _ProbeState] = {}
         self.waker: Waker | None = None
         self.waker_note: str | None = None  # why faulthandler cannot wake us, if it cannot
+        self.timer_note: str | None = None  # why the beats' timer cannot wake us, if it cannot
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -95,6 +97,9 @@ class Watchdog:
     def start(self, native: NativeWatch | None = None) -> None:
         self._stopping = False
         self.waker = Waker()
+        # The beats' timer runs on the real monotonic clock: with an injected clock (tests), deadlines.
+        self.timer_note = (self.waker.start_timer() if self._clock is time.monotonic
+                           else "the watchdog runs on an injected clock")
         if native is not None:
             self.waker_note = self.waker.watch_file(str(native.path), native.rewrite_header)
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
@@ -158,14 +163,32 @@ class Watchdog:
         written = native.written_at() if native is not None else None
         return written is not None and time.time() - written > margin
 
+    @property
+    def timed(self) -> bool:
+        """True if the beats' timer wakes the watchdog (see ``_waker``)."""
+        waker = self.waker
+        return waker is not None and waker.timed
+
+    def arm(self) -> None:
+        """Set the timer to the moment the earliest due beat would be a threshold late (a probe calls this
+        on the loop thread each time it schedules a beat; the watchdog before it sleeps).  Never raises."""
+        waker = self.waker
+        if waker is None or not waker.timed:
+            return
+        due = [p.expected_at for p in self._agent.probes() if p.running]
+        if due:
+            waker.arm_at(min(due) + self._options.dump_threshold)
+
     def next_wait(self, now: float) -> float:
         """Seconds until the next look: soon during a stall, else when the first beat could be late.
 
-        Every running loop sets a deadline, faulthandler's included: the watchdog must look before
-        faulthandler's fallback timer fires (see ``_native``), so it wakes about once per beat.
+        The watchdog must look before faulthandler's fallback timer fires (see ``_native``).  With the
+        beats' timer (see ``_waker``) that look costs nothing until a beat is actually late; without it
+        the watchdog wakes on deadlines, about once per beat.
         """
         interval = self._options.watchdog_interval
-        longest = MAX_SLEEP
+        timed = self.timed
+        longest = MAX_SLEEP_TIMED if timed else MAX_SLEEP
         deadline = now + longest
         for probe in self._agent.probes():
             state = self._states.get(probe)
@@ -174,9 +197,11 @@ class Watchdog:
             native = self._agent.native_for(probe)
             if native is not None and native.has_output():
                 return interval  # faulthandler fired: a stall may be starting
-            if not probe.running:
+            if not probe.running or timed:
                 continue
             deadline = min(deadline, probe.expected_at + self._options.dump_threshold)
+        if timed:
+            self.arm()
         return min(longest, max(interval / 2, deadline - now))
 
     # -- logic -----------------------------------------------------------------------------------

@@ -317,3 +317,33 @@ def test_late_beat_waiting_to_be_finished_means_look_soon(setup) -> None:
     agent, probe, clock, registry, dump_dir = setup
     probe.beat(probe.expected_at + 0.7)
     assert agent.watchdog.next_wait(clock.now) == agent.options.watchdog_interval
+
+
+def test_a_healthy_loop_does_not_wake_the_watchdog_and_a_stall_does(registry, tmp_path):
+    """The beats re-arm a timerfd: no watchdog wake-up while the loop is healthy (each would cost a busy
+    loop a GIL hand-off), and one as soon as a beat is a threshold late."""
+    import time
+
+    import loopwatch
+    from conftest import collected, sample
+
+    async def main():
+        agent = loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path, probe_interval=0.1,
+                                  lag_thresholds=(0.3,))
+        assert agent.watchdog.timed, agent.watchdog.timer_note
+        ticks = []
+        original = agent.watchdog.tick
+        agent.watchdog.tick = lambda now, **kw: (ticks.append(now), original(now, **kw))
+        await asyncio.sleep(0.5)  # the looks that follow install() (the attach pokes the watchdog)
+        start = time.monotonic()
+        await asyncio.sleep(3.0)  # 30 beats
+        end = time.monotonic()
+        time.sleep(0.6)  # a stall: the timer fires at 0.3 s of lag
+        await asyncio.sleep(0.3)
+        spikes = sample(collected(registry), "loopwatch_event_loop_lag_spikes_total", threshold="0.3")
+        assert spikes == 1.0  # counted live, by the wake-up the late beat caused
+        return [t for t in ticks if start <= t < end], [t for t in ticks if t >= end]
+
+    healthy, stalled = asyncio.run(main())
+    assert healthy == [], healthy  # 30 healthy beats, not one wake-up (MAX_SLEEP_TIMED is 5 s)
+    assert stalled, "the stall did not wake the watchdog"
