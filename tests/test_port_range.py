@@ -189,10 +189,11 @@ def test_fork_handlers_in_the_parent_suspend_and_restore_faulthandler(registry: 
         assert lock_free(agent._lock)
         assert not any(lock.locked() for lock in log_locks)
         assert _fork._held is None
-        # Re-armed: a stall that starts right now is still written by faulthandler mid-stall.
+        # Re-armed: a stall that holds the GIL and starts right now is still written by faulthandler
+        # mid-stall (its fallback fires 0.25 s past the threshold, when the watchdog could not run).
         native = agent.native
         assert native is not None
-        time.sleep(0.6)
+        hold_the_gil(1.2)
         wait_for(native.has_output, timeout=5, what="faulthandler's stack after the re-arm")
         await asyncio.sleep(0.3)
 
@@ -201,6 +202,15 @@ def test_fork_handlers_in_the_parent_suspend_and_restore_faulthandler(registry: 
     assert _fork._current is None
     _fork._before()  # no agent: nothing to do, nothing held
     assert _fork._held is None
+
+
+def hold_the_gil(seconds: float) -> None:
+    """A C call that keeps the GIL for about ``seconds``: ``sum()`` over a ``range`` runs no bytecode."""
+    n = 1_000_000
+    start = time.perf_counter()
+    sum(range(n))
+    per_item = (time.perf_counter() - start) / n
+    sum(range(int(seconds / per_item)))
 
 
 def lock_free(lock: threading.RLock) -> bool:
