@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from ._agent import Agent, AgentSnapshot, LoopSnapshot
 from ._config import OPTION_NAMES, Options, resolve
-from ._errors import ConfigError
+from ._errors import ConfigError, check_watch_name
 from ._executors import check_executor
 from ._tasks import check_queue
 from ._version import __version__
@@ -143,10 +143,7 @@ def watch_pool(pool: _Pool, name: str) -> _Pool:
     most 128 characters); watching another pool under a taken name replaces it.  Raises ``RuntimeError``
     if loopwatch is not installed.
     """
-    if (not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable()
-            or name != name.strip()):
-        raise ConfigError(f"watch_pool() name must be a non-empty printable string of at most 128 characters "
-                          f"without surrounding spaces, got {name!r}")
+    check_watch_name("watch_pool", name)
     agent = _agent
     if agent is None or not agent.started:
         raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_pool()")

@@ -30,12 +30,11 @@ from typing import Any
 from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from ._errors import ConfigError
+from ._errors import ConfigError, check_watch_name
 from ._hooks import instance_attribute
 from ._log import emit
 
 MAX_EXECUTORS = 100
-MAX_NAME = 128
 LOG_EVERY = 10.0
 BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -50,10 +49,7 @@ def check_executor(executor: object, name: object) -> None:
         kind = type(executor)
         raise ConfigError(f"watch_executor() watches concurrent.futures.ThreadPoolExecutor and "
                           f"ProcessPoolExecutor (and their subclasses), got {kind.__module__}.{kind.__qualname__}")
-    if (not isinstance(name, str) or not name or len(name) > MAX_NAME or not name.isprintable()
-            or name != name.strip()):
-        raise ConfigError(f"watch_executor() name must be a non-empty printable string of at most {MAX_NAME} "
-                          f"characters without surrounding spaces, got {name!r}")
+    check_watch_name("watch_executor", name)
 
 
 class _Watched:

@@ -41,7 +41,6 @@ from ._log import emit
 
 if TYPE_CHECKING:
     from ._agent import Agent
-    from ._native import NativeWatch
 
 LOCK_TIMEOUT = 1.0  # never hold a fork up longer than this per lock (a stuck scrape, say)
 

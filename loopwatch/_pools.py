@@ -31,7 +31,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from ._errors import ConfigError
 
 MAX_POOLS = 100
-MAX_NAME = 128
 MAX_HELD = 10_000  # acquired-connection start times kept per pool (a leak must not grow memory)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 USE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)

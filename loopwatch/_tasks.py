@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ._errors import ConfigError
+from ._errors import ConfigError, check_watch_name
 from ._hooks import instance_attribute
 from ._labels import TopN
 
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 DESTROYED_PENDING = "Task was destroyed but it is pending"
 ALL_TASKS_TRIES = 3
 MAX_QUEUES = 1000
-MAX_QUEUE_NAME = 128
 EXCEPTION_LABELS = 20  # exception types exported under their own name; the rest is "other"
 _NAME_CACHE_MAX = 1024
 
@@ -271,7 +270,4 @@ def check_queue(queue: object, name: object) -> None:
         kind = type(queue)
         raise ConfigError(f"watch_queue() watches asyncio.Queue and its subclasses (asyncio.PriorityQueue, "
                           f"asyncio.LifoQueue), got {qualified_name(kind)}")
-    if (not isinstance(name, str) or not name or len(name) > MAX_QUEUE_NAME or not name.isprintable()
-            or name != name.strip()):
-        raise ConfigError(f"watch_queue() name must be a non-empty printable string of at most "
-                          f"{MAX_QUEUE_NAME} characters without surrounding spaces, got {name!r}")
+    check_watch_name("watch_queue", name)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 import loopwatch

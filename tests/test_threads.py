@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import re
-import statistics
 import time
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from conftest import collected, free_port, sample, scrape, wait_for
-from prometheus_client import CollectorRegistry
+from conftest import collected, free_port, sample, scrape
 
 import loopwatch
 from loopwatch._executors import Executors
