@@ -126,7 +126,8 @@ def _loopwatch_state(agent: Any, loop: asyncio.AbstractEventLoop) -> dict[str, A
     except ImportError:
         return state
     select_method = getattr(getattr(loop, "_selector", None), "select", None)
-    state["selector_wrapped"] = isinstance(getattr(select_method, "__self__", None), _slow.IterationTimer)
+    state["selector_wrapped"] = (isinstance(getattr(select_method, "__self__", None), _slow.IterationTimer)
+                                 or "IterationTimer._make_select" in getattr(select_method, "__qualname__", ""))
     state["exact_on"] = events.Handle.__dict__.get("_run") is not _slow._original_run
     try:
         state["slow_callbacks"] = sum(value for counts in agent.slow.counts.values() for _, value in counts.items())
