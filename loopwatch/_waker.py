@@ -75,6 +75,7 @@ class Waker:
         self._inotify: int | None = None
         self._timer: int | None = None
         self._settime: Callable[..., int] | None = None
+        self.deadline: float | None = None  # what the timer was last armed for
 
     @property
     def watching(self) -> bool:
@@ -113,6 +114,7 @@ class Waker:
         if fd is None or settime is None:
             return False
         deadline = max(deadline, 1e-9)  # an all-zero value would disarm the timer
+        self.deadline = deadline
         spec = _Itimerspec()
         spec.it_value.tv_sec = int(deadline)
         spec.it_value.tv_nsec = min(999_999_999, int((deadline - int(deadline)) * 1e9))

@@ -151,6 +151,9 @@ class Watchdog:
                 starving = now - last > wait + margin
             elif woke == "file":
                 starving = self._fired_long_ago(margin)
+            elif woke == "timer":  # woken long after the beat was due: we could not run (GIL held)
+                deadline = waker.deadline
+                starving = deadline is not None and now - deadline > margin
             else:
                 starving = False
             last = now
