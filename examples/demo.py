@@ -19,18 +19,15 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
 
 import loopwatch
+from metrics_client import Scraper, free_port, scrape, value
 from tradingbot.bot import TradingBot
 from tradingbot.fake_xai import SlowXAIServer
 from tradingbot.handlers.commands import Signal, on_signal, on_signal_fixed
@@ -38,41 +35,6 @@ from tradingbot.handlers.commands import Signal, on_signal, on_signal_fixed
 NS = "loopwatch"
 THRESHOLDS = (0.5, 2.0, 10.0)
 HEALTHY_LAG = 0.1  # what the fixed version should stay under (seconds)
-
-
-# -- /metrics, read from outside the event loop ----------------------------------------------------
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    body = urllib.request.urlopen(url, timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
-
-
-class Scraper(threading.Thread):
-    """Scrapes /metrics every 100 ms, like an impatient Prometheus, and keeps the main loop's lag."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(name="demo-scraper", daemon=True)
-        self.url = url
-        self.samples: list[tuple[float, float]] = []  # (monotonic time the answer arrived, lag)
-        self.errors: list[str] = []
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(0.1):
-            try:
-                lag = value(scrape(self.url), f"{NS}_event_loop_lag_seconds", loop="main")
-            except OSError as exc:
-                self.errors.append(repr(exc))
-                continue
-            self.samples.append((time.monotonic(), lag))
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join(10)
 
 
 # -- one run of the bot -------------------------------------------------------------------------------
@@ -217,12 +179,6 @@ async def service(args: argparse.Namespace, metrics_url: str, api_url: str) -> i
         print(f"\nOK: loopwatch saw the stall live on /metrics and named the line: "
               f"{Path(culprit['filename']).name}:{culprit['lineno']} in {culprit['function']}", flush=True)
     return status
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> int:

@@ -32,19 +32,17 @@ import asyncio
 import concurrent.futures as cf
 import multiprocessing
 import os
-import socket
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
 import loopwatch
+from metrics_client import Samples, free_port, scrape, value
 
 NS = "loopwatch"
 # One GIL probe every 20 ms instead of the default 1 s: gil_contention is the mean of the last WINDOW probes
@@ -95,17 +93,6 @@ async def client(offload: Offload, stop: asyncio.Event, traffic: Traffic, first_
 
 
 # -- /metrics, read from outside the event loop -----------------------------------------------------------
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(url: str) -> Samples:
-    body = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
 def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
@@ -266,12 +253,6 @@ async def service(url: str) -> int:
     else:
         print("\nNOTE: the contention did not drop as expected; is the machine very busy?", flush=True)
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> int:

@@ -34,21 +34,18 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import psycopg2
-from prometheus_client.parser import text_string_to_metric_families
 
 import loopwatch
+from metrics_client import Samples, Scraper, free_port, scrape, value
 from tradingbot.market import TickerStats, market_data_ticker
 
 NS = "loopwatch"
@@ -163,49 +160,10 @@ def drop_table() -> None:
 
 
 # == /metrics, read from outside the event loop, as Prometheus would ==========================================
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(url: str) -> Samples:
-    body = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
 def pool_value(samples: Samples, suffix: str, **labels: str) -> float:
     return value(samples, f"{NS}_db_client_connection_{suffix}", pool_name="sessions", **labels)
-
-
-class Scraper(threading.Thread):
-    """Scrapes /metrics every 100 ms and keeps the main loop's lag."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(name="scraper", daemon=True)
-        self.url = url
-        self.samples: list[tuple[float, float]] = []  # (monotonic time the answer arrived, lag)
-        self.errors: list[str] = []
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(0.1):
-            try:
-                lag = value(scrape(self.url), f"{NS}_event_loop_lag_seconds", loop="main")
-            except OSError as exc:
-                self.errors.append(repr(exc))
-                continue
-            self.samples.append((time.monotonic(), lag))
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join(10)
-
-    def max_lag(self, start: float = 0.0, end: float = float("inf")) -> tuple[float, int]:
-        during = [lag for at, lag in self.samples if start < at < end]
-        return max(during, default=0.0), len(during)
 
 
 def stall_dumps(dump_dir: Path) -> set[Path]:
@@ -441,12 +399,6 @@ async def service(url: str, dump_dir: Path) -> int:
               f"watched pool the loop stayed free and /metrics showed the pool full "
               f"({fix.mid['used']:g}/{fix.mid['max']:g} used, {fix.mid['pending']:g} waiting).", flush=True)
     return status
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> int:

@@ -33,15 +33,14 @@ import socket
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from prometheus_client.parser import text_string_to_metric_families
 
 import loopwatch
+from metrics_client import Samples, free_port, scrape, value
 
 NS = "loopwatch"
 REQUESTS = 40  # the burst
@@ -110,17 +109,6 @@ def configure_logging() -> None:
 
 
 # -- /metrics, read from outside the event loop -----------------------------------------------------------
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(url: str) -> Samples:
-    body = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
 def slowest_bucket(before: Samples, after: Samples, name: str, **labels: str) -> tuple[float, float]:
@@ -255,12 +243,6 @@ async def service(url: str) -> int:
         print("\nNOTE: the default executor did not saturate as expected (more than "
               f"{REQUESTS} threads in it?)", flush=True)
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> int:
