@@ -217,10 +217,6 @@ class IterationTimer:
         """The loop (re)starts running: time outside it is not busy time."""
         self._iteration_start = time.perf_counter()
 
-    @property
-    def in_select(self) -> bool:
-        return self._iteration_start is None
-
     def busy_now(self) -> float:
         """Busy seconds so far, including the iteration in progress (grows live during a stall)."""
         busy, start = self.busy_seconds, self._iteration_start

@@ -78,10 +78,6 @@ class Waker:
         self.deadline: float | None = None  # what the timer was last armed for
 
     @property
-    def watching(self) -> bool:
-        return self._inotify is not None
-
-    @property
     def timed(self) -> bool:
         """True if ``arm_at`` works (the beats, not deadlines, wake the watchdog)."""
         return self._timer is not None
