@@ -79,6 +79,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "hooks": {"sets": 4, "rounds": 3, "callbacks": 60000, "debug_divisor": 20,
                   "cg_small": 4000, "cg_large": 24000},
         "http": {"pairs": 3, "slices": 4, "seconds": 1, "warmup": 2, "connections": 16},
+        "httpcg": {"warmup": 160, "load": 1600, "sparse": 300},
     },
     "full": {
         "wall": {"pairs": 24, "rounds": 5, "tasks": 100, "steps": 2500, "chains": 20, "chain_len": 5000},
@@ -87,6 +88,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "hooks": {"sets": 6, "rounds": 3, "callbacks": 100000, "debug_divisor": 20,
                   "cg_small": 5000, "cg_large": 25000},
         "http": {"pairs": 6, "slices": 8, "seconds": 1, "warmup": 2, "connections": 16},
+        "httpcg": {"warmup": 320, "load": 4800, "sparse": 1000},
     },
 }
 
@@ -332,15 +334,19 @@ def _free_port() -> int:
 
 
 def worker_http(args: argparse.Namespace) -> dict[str, Any]:
-    """Figure 5: an aiohttp app answering ``GET /`` with a small JSON body, until a line on stdin.
+    """Figures 5 and 6: an aiohttp app answering ``GET /`` with a small JSON body, until a line on stdin.
 
     Prints ``READY {"port", "metrics_url"}`` once it listens on 127.0.0.1.  With loopwatch: installed at
-    its defaults, the exporter on a free loopback port."""
+    its defaults, the exporter on a free loopback port.  With ``--marker 1`` (figure 6, under callgrind):
+    ``GET /mark`` calls ``os.getsid(0)`` to cut callgrind's count, and loopwatch's periodic parts are
+    parked as in figure 2 (no exporter: nothing scrapes it)."""
     from aiohttp import web
 
     async def main() -> dict[str, Any]:
         agent, metrics_url = None, None
-        if args.with_loopwatch:
+        if args.with_loopwatch and args.marker:
+            agent = _install(metrics_port=0, dump_dir=args.dump_dir, **CALLGRIND_PARKED)
+        elif args.with_loopwatch:
             agent = _install_defaults(args.dump_dir)
             metrics_url = agent.metrics_url
         body = {"status": "ok", "service": "bench", "items": [1, 2, 3]}
@@ -348,8 +354,29 @@ def worker_http(args: argparse.Namespace) -> dict[str, Any]:
         async def handle(request: web.Request) -> web.Response:
             return web.json_response(body)
 
+        async def mark(request: web.Request) -> web.Response:
+            os.getsid(0)
+            return web.json_response({"mark": True})
+
+        iterations = [0]
+
+        async def count(request: web.Request) -> web.Response:
+            return web.json_response({"iterations": iterations[0]})
+
         app = web.Application()
         app.router.add_get("/", handle)
+        if args.marker:
+            app.router.add_get("/mark", mark)
+        if args.count_iterations:  # figure 5's calibration server (never with loopwatch): counts select() calls
+            selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+            original = selector.select
+
+            def select(timeout: float | None = None) -> Any:
+                iterations[0] += 1
+                return original(timeout)
+
+            selector.select = select
+            app.router.add_get("/iterations", count)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         sock = socket.socket()
@@ -782,13 +809,15 @@ def ensure_wrk() -> str:
 class _HttpServer:
     """A figure-5 server process (``--worker http``): started, read in the background, stopped via stdin."""
 
-    def __init__(self, with_lw: bool, dump_dir: Path) -> None:
+    def __init__(self, with_lw: bool, dump_dir: Path, prefix: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, **params: Any) -> None:
         self.name = "with" if with_lw else "without"
         self.lines: list[str] = []
         self.ready: dict[str, Any] | None = None
         self._ready = threading.Event()
-        self.proc = subprocess.Popen(_worker_cmd("http", with_lw, dump_dir), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_child_env())
+        self.proc = subprocess.Popen([*prefix, *_worker_cmd("http", with_lw, dump_dir, **params)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env or _child_env())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -806,7 +835,7 @@ class _HttpServer:
             raise BenchError(f"http server {self.name}: no READY line; output:\n" + "".join(self.lines)[-3000:])
         return self.ready
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self, timeout: float = 30) -> dict[str, Any]:
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.write("stop\n")
@@ -814,7 +843,7 @@ class _HttpServer:
         except OSError:
             pass
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise BenchError(f"http server {self.name}: did not stop") from None
         self._reader.join(10)
@@ -868,6 +897,31 @@ def _slice_order(pair: int, slices: int) -> list[bool]:
     """ABBA ABBA ... (B first in odd pairs): who is loaded in each slice; True = with loopwatch."""
     first = pair % 2 == 1
     return [first if k % 4 in (0, 3) else not first for k in range(slices)]
+
+
+def _http_iterations_per_request(wrk: str, cfg: dict[str, Any], dump_dir: Path) -> dict[str, Any]:
+    """Loop iterations per request under this figure's wrk load, natively: a separate server without
+    loopwatch that counts its selector's select() calls (kept out of the pairs: counting costs a little).
+    Figure 6 multiplies it by its extra instructions per iteration."""
+    server = _HttpServer(False, dump_dir, count_iterations=1)
+    try:
+        port = server.wait_ready(60)["port"]
+        url = f"http://127.0.0.1:{port}/iterations"
+
+        def iterations() -> int:
+            return int(json.loads(urllib.request.urlopen(url, timeout=10).read())["iterations"])
+
+        _run(_wrk_cmd(wrk, port, cfg["warmup"], cfg["connections"]), "http calibration warm-up", cfg["warmup"] + 60)
+        before = iterations()
+        load = _wrk(wrk, port, {**cfg, "seconds": cfg["seconds"] * 2}, "http calibration")
+        after = iterations()
+        server.stop()
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        raise BenchError(f"http calibration: {exc!r}") from None
+    finally:
+        server.kill()
+    return {"requests": load["requests"], "iterations": after - before,
+            "iterations_per_request": (after - before) / load["requests"]}
 
 
 def bench_http(cfg: dict[str, Any], dump_dir: Path) -> dict[str, Any]:
@@ -928,7 +982,10 @@ def bench_http(cfg: dict[str, Any], dump_dir: Path) -> dict[str, Any]:
         _progress(f"  pair {i + 1:2d}/{cfg['pairs']}: without {side[False]['rps']:8,.0f} req/s  "
                   f"with {side[True]['rps']:8,.0f} req/s  ratio {ratio:.3f}  CPU/request ratio {cpu_ratio:.3f}")
     utilizations = [p["with_utilization"] for p in pairs if p["with_utilization"] is not None]
+    calibration = _http_iterations_per_request(wrk, cfg, dump_dir)
+    _progress(f"  calibration: {calibration['iterations_per_request']:.2f} loop iterations per request under this load")
     return {
+        "calibration": calibration,
         "workload": cfg,
         "with_state": _summarize_states(states),
         "pairs": pairs,
@@ -940,6 +997,178 @@ def bench_http(cfg: dict[str, Any], dump_dir: Path) -> dict[str, Any]:
         "cpu_ratio": _quantiles([p["cpu_ratio"] for p in pairs]),
         "with_utilization": _quantiles(utilizations) if utilizations else None,
     }
+
+
+# -- figure 6 ---------------------------------------------------------------------------------------
+
+# Two load shapes for the callgrind HTTP figure.  Under valgrind the server is ~50x slower than the
+# client, so each shape's batching is fixed by the client, and the counts repeat from run to run.
+HTTP_CG_SHAPES: dict[str, dict[str, Any]] = {
+    "load": {"connections": 16, "pause": 0.0,
+             "text": "16 keep-alive connections, 16 requests sent at once and answered before the next 16: "
+                     "the loop always has requests waiting (capacity: requests/s)"},
+    "sparse": {"connections": 1, "pause": 0.02,
+               "text": "1 connection, 20 ms pause after each answer: every request wakes an idle loop "
+                       "(CPU per request at low load; no effect on capacity)"},
+}
+_CG_PART = re.compile(r"^callgrind\.out\.(\d+)\.(\d+)-(\d+)$")
+_EPOLL_CALLS = re.compile(r"^cfn=(?:.*:)?epoll_wait(?:\s|$)")
+
+
+class _HttpConnection:
+    """A keep-alive HTTP/1.1 client connection that reads whole responses (Content-Length framing)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=300)
+        self.buffer = b""
+
+    def send(self, path: str) -> None:
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+
+    def response(self) -> bytes:
+        while b"\r\n\r\n" not in self.buffer:
+            self._read()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        if not lines[0].startswith("HTTP/1.1 200"):
+            raise BenchError(f"HTTP client: unexpected response {lines[0]!r}")
+        length = next((int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:")),
+                      None)
+        if length is None:
+            raise BenchError(f"HTTP client: no Content-Length in {head!r}")
+        while len(self.buffer) < length:
+            self._read()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return body
+
+    def _read(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise BenchError("HTTP client: the server closed the connection")
+        self.buffer += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _drive_http(port: int, connections: int, pause: float, warmup: int, requests: int) -> None:
+    """Warm up, ``GET /mark``, ``requests`` requests in rounds of ``connections``, ``GET /mark``."""
+    conns = [_HttpConnection(port) for _ in range(connections)]
+    try:
+        def rounds(total: int) -> None:
+            done = 0
+            while done < total:
+                batch = conns[:min(connections, total - done)]
+                for conn in batch:
+                    conn.send("/")
+                for conn in batch:
+                    conn.response()
+                done += len(batch)
+                if pause:
+                    time.sleep(pause)
+
+        def mark() -> None:
+            conns[0].send("/mark")
+            conns[0].response()
+
+        rounds(warmup)
+        mark()
+        rounds(requests)
+        mark()
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def _callgrind_part(directory: Path, part: int, thread: int = 1) -> Path:
+    for path in directory.iterdir():
+        match = _CG_PART.match(path.name)
+        if match and int(match.group(2)) == part and int(match.group(3)) == thread:
+            return path
+    raise BenchError(f"no callgrind part {part} of thread {thread} in {directory}: "
+                     f"{sorted(p.name for p in directory.iterdir())}")
+
+
+def count_epoll_waits(path: Path) -> int:
+    """Calls to ``epoll_wait`` in a callgrind file written with ``--compress-strings=no``: one per loop
+    iteration (each ``select()`` of the loop's selector makes exactly one)."""
+    calls = 0
+    expect_calls = False
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if expect_calls and line.startswith("calls="):
+                calls += int(line[6:].split()[0])
+                expect_calls = False
+            elif line.startswith("cfn="):
+                expect_calls = bool(_EPOLL_CALLS.match(line))
+    return calls
+
+
+def _http_callgrind_run(with_lw: bool, shape: str, cfg: dict[str, Any], dump_dir: Path, work: Path) -> dict[str, Any]:
+    tag = f"http-{shape}-{'with' if with_lw else 'without'}"
+    what = f"callgrind {tag}"
+    out_dir = work / tag
+    out_dir.mkdir()
+    prefix = ("valgrind", "--tool=callgrind", "--separate-threads=yes", f"--dump-before={MARKER}",
+              "--compress-strings=no", f"--callgrind-out-file={out_dir}/callgrind.out.%p")
+    spec = HTTP_CG_SHAPES[shape]
+    server = _HttpServer(with_lw, dump_dir, prefix=prefix, env=_child_env(PYTHONHASHSEED="0"), marker=1)
+    try:
+        port = server.wait_ready(600)["port"]
+        _drive_http(port, spec["connections"], spec["pause"], cfg["warmup"], cfg[shape])
+        result = server.stop(timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BenchError(f"{what}: {exc!r}") from None
+    finally:
+        server.kill()
+    _check_parked_state(result.get("state"), what, exact=False)
+    part = _callgrind_part(out_dir, 2)  # between the two GET /mark
+    instructions = _callgrind_total(part)
+    iterations = count_epoll_waits(part)
+    return {"with": with_lw, "shape": shape, "requests": cfg[shape], "instructions": instructions,
+            "iterations": iterations, "per_request": instructions / cfg[shape],
+            "iterations_per_request": iterations / cfg[shape]}
+
+
+def bench_http_callgrind(cfg: dict[str, Any], dump_dir: Path, work: Path) -> dict[str, Any]:
+    if shutil.which("valgrind") is None:
+        raise BenchError("valgrind not found on PATH (apt-get install valgrind)")
+    if importlib.util.find_spec("aiohttp") is None:
+        raise BenchError(f"aiohttp is not installed for {sys.executable} (it is in the dev extra)")
+    jobs = [(with_lw, shape) for shape in HTTP_CG_SHAPES for with_lw in (False, True)]
+    # Counts do not depend on timing (see HTTP_CG_SHAPES): the with/without runs of a shape go side by side.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        runs = list(pool.map(lambda job: _http_callgrind_run(job[0], job[1], cfg, dump_dir, work), jobs))
+    out: dict[str, Any] = {"workload": cfg, "runs": runs}
+    for shape in HTTP_CG_SHAPES:
+        side = {r["with"]: r for r in runs if r["shape"] == shape}
+        without, with_ = side[False], side[True]
+        out[shape] = {
+            "without_per_request": without["per_request"], "with_per_request": with_["per_request"],
+            "extra_per_request": with_["per_request"] - without["per_request"],
+            "ratio": with_["per_request"] / without["per_request"],
+            "without_iterations_per_request": without["iterations_per_request"],
+            "with_iterations_per_request": with_["iterations_per_request"],
+        }
+    return out
+
+
+def _http_wrk_estimate(cg: Any, http: Any) -> dict[str, float] | None:
+    """Figure 6's per-iteration cost scaled to the iteration rate figure 5's wrk load makes natively."""
+    if not isinstance(cg, dict) or not isinstance(http, dict) or not http.get("calibration"):
+        return None
+    sparse = cg["sparse"]
+    per_iteration = sparse["extra_per_request"] / sparse["with_iterations_per_request"]
+    iterations = http["calibration"]["iterations_per_request"]
+    return {"iterations_per_request": iterations, "extra_per_iteration": per_iteration,
+            "cost": iterations * per_iteration / cg["load"]["without_per_request"]}
+
+
+def _http_cg_verdict(cg: dict[str, Any], http: Any) -> bool:
+    """Requests/s at capacity is instructions per request under load: <= 1% more, in the load shape and,
+    when figure 5 ran, at its native iteration rate."""
+    estimate = _http_wrk_estimate(cg, http)
+    return cg["load"]["ratio"] - 1 <= TARGET_HTTP_COST and (estimate is None or estimate["cost"] <= TARGET_HTTP_COST)
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -1040,12 +1269,50 @@ def _render_http(http: Any, add: Any) -> None:
     c = http["cpu_ratio"]
     add(f"   => server CPU per request (all its threads, schedstat): median {100 * (c['median'] - 1):+.1f}%; "
         f"IQR {100 * (c['q1'] - 1):+.1f}% .. {100 * (c['q3'] - 1):+.1f}%")
+    calibration = http.get("calibration")
+    if calibration:
+        add(f"   loop iterations per request at this load, natively: {calibration['iterations_per_request']:.2f} "
+            f"(a separate server without loopwatch counting its select() calls; used by figure 6)")
     util = http.get("with_utilization")
     if util:
         add(f"   loop utilization under load, as loopwatch reports it (rate of event_loop_busy_seconds_total): "
             f"median {util['median']:.2f} [{util['min']:.2f}..{util['max']:.2f}]")
     for note in _state_notes("with", http.get("with_state")):
         add("   " + note)
+
+
+def _render_http_callgrind(cg: Any, add: Any, http: Any) -> None:
+    add("6. HTTP service, instructions per request on the loop thread (callgrind; stable): same server, "
+        "a Python client in a separate process")
+    if not isinstance(cg, dict) or "load" not in cg:
+        add(f"   not measured: {cg}")
+        return
+    w = cg["workload"]
+    add(f"   with: defaults, selector wrapper on; periodic parts parked ({_parked_text()}); "
+        f"{w['warmup']} warm-up requests, then counted between two GET /mark")
+    add(f"   {'':10}{'requests':>9}{'without':>12}{'with':>12}{'extra':>9}{'ratio':>9}"
+        f"{'loop iterations/request':>26}")
+    for shape, spec in HTTP_CG_SHAPES.items():
+        r = cg[shape]
+        iters = f"{r['without_iterations_per_request']:.2f} / {r['with_iterations_per_request']:.2f}"
+        add(f"   {shape:10}{w[shape]:>9,}{r['without_per_request']:>12,.0f}{r['with_per_request']:>12,.0f}"
+            f"{r['extra_per_request']:>+9,.0f}{r['ratio']:>9.4f}{iters:>26}")
+    for shape, spec in HTTP_CG_SHAPES.items():
+        add(f"   {shape}: {spec['text']}")
+    load = cg["load"]
+    add(f"   => under load: {100 * (load['ratio'] - 1):+.2f}% instructions per request, i.e. of requests/s at "
+        f"capacity")
+    sparse = cg["sparse"]
+    add(f"   => at low load: {sparse['extra_per_request']:+,.0f} instructions ({100 * (sparse['ratio'] - 1):+.1f}%) "
+        f"per request, {sparse['with_iterations_per_request']:.1f} loop iterations each: CPU the idle loop had "
+        f"to spare")
+    estimate = _http_wrk_estimate(cg, http)
+    if estimate is not None:
+        add(f"   => at figure 5's wrk load ({estimate['iterations_per_request']:.2f} iterations/request natively, "
+            f"{estimate['extra_per_iteration']:,.0f} extra instructions per iteration as at low load): "
+            f"{100 * estimate['cost']:+.2f}% instructions per request")
+    add(f"   target: loopwatch's defaults cost <= {100 * TARGET_HTTP_COST:.0f}% of requests/s under load "
+        f"(both lines above): {_verdict(_http_cg_verdict(cg, http))}")
 
 
 def render(result: dict[str, Any]) -> str:
@@ -1132,6 +1399,8 @@ def render(result: dict[str, Any]) -> str:
     _render_hooks(result.get("hooks"), add)
     add("")
     _render_http(result.get("http"), add)
+    add("")
+    _render_http_callgrind(result.get("httpcg"), add, result.get("http"))
     add(rule)
     sections = ", ".join(f"{k} {v:.0f}" for k, v in result.get("section_s", {}).items())
     add(f"total {result['elapsed_s']:.0f} s{f' ({sections})' if sections else ''}; "
@@ -1169,6 +1438,7 @@ def run_driver(args: argparse.Namespace) -> int:
         sections = [("callgrind", lambda: bench_callgrind(profile["callgrind"], dump_dir, work)),
                     ("idle", lambda: bench_idle(profile["idle"], dump_dir)),
                     ("hooks", lambda: bench_hooks(profile["hooks"], dump_dir, work)),
+                    ("httpcg", lambda: bench_http_callgrind(profile["httpcg"], dump_dir, work)),
                     ("http", lambda: bench_http(profile["http"], dump_dir)),
                     ("wall", lambda: bench_wall(profile["wall"], dump_dir))]
         for name, bench in sections:
@@ -1189,12 +1459,15 @@ def run_driver(args: argparse.Namespace) -> int:
     result["dump_dir_leftovers"] = leftovers  # dumps written during a benchmark would be a finding
     result["elapsed_s"] = time.monotonic() - started
     cg, idle = result.get("callgrind"), result.get("idle")
-    wall, http = result.get("wall"), result.get("http")
+    wall, http, httpcg = result.get("wall"), result.get("http"), result.get("httpcg")
+    if isinstance(httpcg, dict):
+        httpcg["wrk_estimate"] = _http_wrk_estimate(httpcg, http)
     result["verdicts"] = {
         "wall_ratio": None if not isinstance(wall, dict) else _wall_verdict(wall),
         "step_ratio": None if not isinstance(cg, dict) else cg["ratio"] <= TARGET_STEP_RATIO,
         "idle_cpu": None if not isinstance(idle, dict) else idle["with"]["cpu_ms_per_s"] <= TARGET_IDLE_MS,
         "http_rps": None if not isinstance(http, dict) else _http_verdict(http),
+        "http_instructions": None if not isinstance(httpcg, dict) else _http_cg_verdict(httpcg, http),
     }
     json_path = Path(args.json) if args.json else RESULTS
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1207,6 +1480,7 @@ def run_driver(args: argparse.Namespace) -> int:
         return 1
     verdicts = result["verdicts"]
     if args.check and (verdicts["step_ratio"] is False or verdicts["idle_cpu"] is False
+                       or verdicts["http_instructions"] is False
                        or str(verdicts["wall_ratio"]).startswith("MISSED")
                        or str(verdicts["http_rps"]).startswith("MISSED")):
         return 3
@@ -1218,7 +1492,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run (about two minutes)")
     parser.add_argument("--pairs", type=int, default=0, help="number of with/without wall-clock pairs")
-    parser.add_argument("--skip", action="append", default=[], choices=("wall", "callgrind", "idle", "hooks", "http"),
+    parser.add_argument("--skip", action="append", default=[], choices=("wall", "callgrind", "idle", "hooks", "httpcg", "http"),
                         help="skip a figure (repeatable)")
     parser.add_argument("--json", help=f"where to write the JSON result (default {RESULTS.relative_to(REPO)})")
     parser.add_argument("--check", action="store_true",
@@ -1230,7 +1504,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=HOOK_VARIANTS, default="none", help=argparse.SUPPRESS)
     for name, kind in (("rounds", int), ("tasks", int), ("steps", int), ("chains", int), ("chain-len", int),
                        ("seconds", float), ("warmup", float), ("callbacks", int), ("debug-divisor", int),
-                       ("cg-small", int), ("cg-large", int), ("marker", int)):
+                       ("cg-small", int), ("cg-large", int), ("marker", int), ("count-iterations", int)):
         parser.add_argument(f"--{name}", type=kind, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

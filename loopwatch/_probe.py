@@ -145,6 +145,9 @@ class LoopProbe:
             self._cpu_at_beat = cpu
             self.last_delay = delay
             self._observe(self.label, delay)
+            activity = self.activity
+            if activity is not None:
+                activity.on_beat()
             if self.on_beat is not None:
                 self.on_beat()
         except Exception as exc:  # noqa: BLE001 - never raise into the loop

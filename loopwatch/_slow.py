@@ -169,7 +169,8 @@ class IterationTimer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, label: str, slow: SlowCallbacks, *,
                  exact_always: bool, enabled: bool = True,
-                 stall_label: Callable[[], tuple[str, str | None] | None]) -> None:
+                 stall_label: Callable[[], tuple[str, str | None] | None],
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self._loop_ref = weakref.ref(loop)
         self.key = id(loop)  # the exact-mode key (the loop itself is not kept alive)
         self.label = label
@@ -177,12 +178,15 @@ class IterationTimer:
         self._slow = slow
         self._exact_always = exact_always
         self._stall_label = stall_label
-        self.busy_seconds = 0.0
-        self._iteration_start: float | None = time.perf_counter()  # None while in select()
+        self._clock = clock
         self._exact_until = 0.0
         self._exact_on = False
         self._selector: Any = None
         self._select: Callable[..., Any] | None = None
+        # The wrapper's state lives in its closure; these read and restart it from other methods.
+        self._read: Callable[[], tuple[float, float | None]] | None = None
+        self._restart: Callable[[], None] | None = None
+        self._last_busy = 0.0  # what busy_now() last returned: the counter never goes back
         self.saw_exact_slow = False
 
     def install(self) -> bool:
@@ -192,13 +196,12 @@ class IterationTimer:
         original = getattr(selector, "select", None)
         if selector is None or not callable(original):
             return False
-        select = self._make_select(original)
+        select, read, restart = self._make_select(original)
         try:
             selector.select = select
         except AttributeError:  # a selector without an instance dict
             return False
-        self._selector, self._select = selector, select
-        self._iteration_start = time.perf_counter()
+        self._selector, self._select, self._read, self._restart = selector, select, read, restart
         if self._exact_always:
             self._exact_on = True
             _set_exact(self, True)
@@ -208,49 +211,90 @@ class IterationTimer:
         selector = self._selector
         if selector is not None and getattr(selector, "select", None) is self._select:
             del selector.select
-        self._selector = self._select = None
+        if self._read is not None:
+            self.busy_now()  # kept as the final value: the wrapper's clock stops here
+        self._selector = self._select = self._read = self._restart = None
         if self._exact_on:
             self._exact_on = False
             _set_exact(self, False)
 
     def reset(self) -> None:
         """The loop (re)starts running: time outside it is not busy time."""
-        self._iteration_start = time.perf_counter()
+        if self._restart is not None:
+            self._restart()
+
+    def on_beat(self) -> None:
+        """Called on the loop thread at each probe beat: ends a finished exact-timing window (kept out of
+        the per-iteration wrapper, which is the hot path)."""
+        if self._exact_on and not self._exact_always and self._clock() > self._exact_until:
+            self._exact_on = False
+            _set_exact(self, False)
 
     def busy_now(self) -> float:
-        """Busy seconds so far, including the iteration in progress (grows live during a stall)."""
-        busy, start = self.busy_seconds, self._iteration_start
-        if start is None:
-            return busy
-        return busy + max(0.0, time.perf_counter() - start)
+        """Busy seconds so far, including the iteration in progress (grows live during a stall).
 
-    def _make_select(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        """The selector's ``select`` wrapper: the one piece of loopwatch that runs on every iteration, so
-        a closure over locals (no bound-method call, no global lookups) -- see "Overhead" in the README."""
-        timer, clock, set_exact = self, time.perf_counter, _set_exact
+        Read from the scraping thread: the two closure values are read without a lock, so a select()
+        between the reads can make the sum come out short by one iteration; it is never reported
+        below what was reported before (a counter that goes back is a reset to Prometheus)."""
+        read = self._read
+        if read is None:
+            return self._last_busy
+        busy, start = read()
+        if start is not None:
+            busy += max(0.0, self._clock() - start)
+        if busy < self._last_busy:
+            return self._last_busy
+        self._last_busy = busy
+        return busy
+
+    def _make_select(self, original: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[[], tuple[float, float | None]], Callable[[], None]]:
+        """The selector's ``select`` wrapper, plus a reader and a restarter of its state.
+
+        It is the one piece of loopwatch that runs on every loop iteration, so it is written for the
+        interpreter: closure cells rather than attributes, no method calls on the way, and one clock read
+        instead of two when asyncio asks for ``select(0)`` (callbacks are ready: the poll does not wait,
+        and its few microseconds count as busy).  See "Overhead" in the README."""
+        clock, threshold, slow_iteration = self._clock, self.threshold, self._slow_iteration
+        start: float | None = clock()  # when the current busy stretch began; None while select() waits
+        busy_total = 0.0
 
         def select(timeout: float | None = None) -> Any:
-            start = clock()
-            busy = start - timer._iteration_start  # type: ignore[operator]
-            timer.busy_seconds += busy
-            timer._iteration_start = None  # in select(): not busy
-            if busy >= timer.threshold:
-                timer._slow_iteration(busy)
-            elif timer._exact_on and not timer._exact_always and start > timer._exact_until:
-                timer._exact_on = False
-                set_exact(timer, False)
+            nonlocal start, busy_total
+            if timeout == 0:
+                try:
+                    return original(0)
+                finally:
+                    now = clock()
+                    busy = now - start  # type: ignore[operator]
+                    start = now
+                    busy_total += busy
+                    if busy >= threshold:
+                        slow_iteration(busy)
+            now = clock()
+            busy = now - start  # type: ignore[operator]
+            busy_total += busy
+            start = None
+            if busy >= threshold:
+                slow_iteration(busy)
             try:
                 return original(timeout)
             finally:
-                timer._iteration_start = clock()
+                start = clock()
 
-        return select
+        def read() -> tuple[float, float | None]:
+            return busy_total, start
+
+        def restart() -> None:
+            nonlocal start
+            start = clock()
+
+        return select, read, restart
 
     def _slow_iteration(self, busy: float) -> None:
         try:
             if self._exact_on:
                 exact_seen, self.saw_exact_slow = self.saw_exact_slow, False
-                self._exact_until = time.perf_counter() + EXACT_WINDOW
+                self._exact_until = self._clock() + EXACT_WINDOW
                 if exact_seen:
                     return  # counted per callback by _timed_run
             named = self._stall_label()  # the watchdog saw this one mid-stall: (label, culprit)
@@ -258,7 +302,7 @@ class IterationTimer:
                                            "iteration", culprit=named[1] if named else None))
             if not self._exact_on:
                 self._exact_on = True
-                self._exact_until = time.perf_counter() + EXACT_WINDOW
+                self._exact_until = self._clock() + EXACT_WINDOW
                 _set_exact(self, True)
         except Exception:  # noqa: BLE001 - never raise into the loop
             pass
@@ -288,6 +332,9 @@ class CpuBusy:
         return None if cpu is None else max(0.0, cpu - self._base)
 
     def reset(self) -> None:
+        pass
+
+    def on_beat(self) -> None:
         pass
 
     def uninstall(self) -> None:

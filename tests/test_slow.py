@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import re
 import time
 from pathlib import Path
@@ -155,6 +156,109 @@ def test_exact_mode_wrapper_comes_and_goes(registry, tmp_path: Path) -> None:
     loopwatch.uninstall()
     assert asyncio.events.Handle.__dict__["_run"] is original
     assert _slow._exact == {}
+
+
+# -- the per-iteration selector wrapper, on an injected clock -------------------------------------
+
+class FakeSelector:
+    """A selector whose ``select()`` waits ``idle`` seconds of the fake clock unless asked not to wait."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.idle = 0.0
+        self.timeouts: list[float | None] = []
+
+    def select(self, timeout: float | None = None) -> list:
+        self.timeouts.append(timeout)
+        if timeout != 0:
+            self.clock.now += self.idle
+        return []
+
+
+class FakeLoop:
+    def __init__(self, clock: Clock) -> None:
+        self._selector = FakeSelector(clock)
+
+
+def iteration_timer(clock: Clock, threshold: float = 0.1, named=None):
+    recorded: list[SlowCallback] = []
+    slow = SlowCallbacks(threshold, observe=lambda loop, d: None, log=lambda e: None, clock=clock)
+    slow.record = recorded.append  # type: ignore[method-assign]
+    loop = FakeLoop(clock)
+    timer = _slow.IterationTimer(loop, "main", slow, exact_always=False, stall_label=lambda: named,
+                                 clock=clock)
+    assert timer.install()
+    return loop, timer, recorded
+
+
+def run_iteration(loop: FakeLoop, clock: Clock, busy: float, idle: float, timeout: float | None) -> None:
+    clock.now += busy  # callbacks run
+    loop._selector.idle = idle
+    loop._selector.select(timeout)
+
+
+def test_iteration_timer_sums_busy_time_and_not_the_wait() -> None:
+    clock = Clock()
+    loop, timer, recorded = iteration_timer(clock)
+    try:
+        run_iteration(loop, clock, busy=0.02, idle=0.5, timeout=None)  # waits: idle is not busy
+        run_iteration(loop, clock, busy=0.03, idle=0.0, timeout=0)  # callbacks ready: select(0)
+        run_iteration(loop, clock, busy=0.01, idle=1.0, timeout=1.0)
+        assert loop._selector.timeouts == [None, 0, 1.0]  # the original select() got what asyncio asked
+        assert timer.busy_now() == pytest.approx(0.06)
+        clock.now += 0.25  # a callback has been running for 0.25 s: busy time grows live
+        assert timer.busy_now() == pytest.approx(0.31)
+        assert recorded == []  # no iteration crossed 0.1 s yet
+    finally:
+        timer.uninstall()
+        _slow._set_exact(timer, False)
+
+
+def test_iteration_timer_counts_slow_iterations_blocking_or_not_and_opens_exact_window() -> None:
+    clock = Clock()
+    loop, timer, recorded = iteration_timer(clock)
+    try:
+        run_iteration(loop, clock, busy=0.15, idle=0.2, timeout=None)
+        assert [(e.duration, e.label, e.what) for e in recorded] == [(pytest.approx(0.15), "unattributed", "iteration")]
+        assert _slow._exact.get(timer.key) is timer  # unattributed: exact timing switches on
+        run_iteration(loop, clock, busy=0.12, idle=0.0, timeout=0)  # slow, though select() did not wait
+        assert len(recorded) == 2 and recorded[1].duration == pytest.approx(0.12)
+        timer.on_beat()  # inside the window: stays on
+        assert timer.key in _slow._exact
+        run_iteration(loop, clock, busy=0.01, idle=_slow.EXACT_WINDOW + 1.0, timeout=None)  # a quiet minute
+        run_iteration(loop, clock, busy=0.01, idle=0.0, timeout=0)
+        assert len(recorded) == 2
+        assert timer.key in _slow._exact  # the hot path never switches it off...
+        timer.on_beat()
+        assert timer.key not in _slow._exact  # ...the next probe beat does
+    finally:
+        timer.uninstall()
+        _slow._set_exact(timer, False)
+
+
+def test_iteration_timer_names_a_slow_iteration_the_watchdog_saw() -> None:
+    clock = Clock()
+    loop, timer, recorded = iteration_timer(clock, named=("app.handler", "app.py:12"))
+    try:
+        run_iteration(loop, clock, busy=0.4, idle=0.0, timeout=None)
+        assert (recorded[0].label, recorded[0].culprit) == ("app.handler", "app.py:12")
+    finally:
+        timer.uninstall()
+        _slow._set_exact(timer, False)
+
+
+def test_iteration_timer_busy_counter_never_goes_back_and_freezes_on_uninstall() -> None:
+    clock = Clock()
+    loop, timer, _ = iteration_timer(clock, threshold=math.inf)
+    run_iteration(loop, clock, busy=0.05, idle=0.1, timeout=None)
+    clock.now += 0.04
+    assert timer.busy_now() == pytest.approx(0.09)  # live: 0.04 into the current stretch
+    timer.reset()  # e.g. the loop ran again after a pause: the live stretch restarts from now
+    assert timer.busy_now() == pytest.approx(0.09)  # not reported lower than before
+    timer.uninstall()
+    assert "select" not in vars(loop._selector)
+    clock.now += 10.0
+    assert timer.busy_now() == pytest.approx(0.09)  # frozen: nothing measures any more
 
 
 # -- end to end ----------------------------------------------------------------------------------
