@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """loopwatch overhead benchmark: the same workloads with and without ``loopwatch.install()``, side by side.
 
-    python benchmarks/overhead.py            # full run (about 5-6 minutes on 2 cores)
-    python benchmarks/overhead.py --quick    # short run (about 2 minutes)
+    python benchmarks/overhead.py            # full run (about 10 minutes on 2 cores)
+    python benchmarks/overhead.py --quick    # short run (about 4 minutes)
 
-Five figures, each a comparison measured in the same run (see benchmarks/README.md):
+Six figures, each a comparison measured in the same run (see benchmarks/README.md):
 
 1. wall clock of a callback-heavy workload (tasks doing ``await asyncio.sleep(0)`` plus ``call_soon``
    chains), in interleaved with/without pairs, each run in a fresh process: median ratio and spread;
@@ -19,7 +19,10 @@ Five figures, each a comparison measured in the same run (see benchmarks/README.
    (``slow_callback_mode="auto"``: selector wrapper), with ``slow_callback_mode="exact"``
    (``Handle._run`` wrapped) and under asyncio debug mode;
 5. requests/s of a small aiohttp JSON service on loopback, loaded by ``wrk`` from a separate process,
-   with and without loopwatch, in interleaved pairs of fresh server processes.
+   with and without loopwatch, in interleaved pairs of fresh server processes (plus the loop iterations
+   per request at that load, from a separate counting server);
+6. the same service's instructions per request on the loop thread under callgrind, at capacity and at
+   low load, with loop iterations per request (``epoll_wait`` calls): the ≤ 1% HTTP verdict.
 
 The table goes to stdout (progress to stderr); the JSON result to ``benchmarks/results/latest.json``.
 ``--check`` makes the exit status 3 when a target is missed (the wall-clock ones only when their whole
@@ -70,7 +73,7 @@ HOOK_VARIANTS = ("none", "auto", "exact", "debug")
 HOOK_SHAPES = (1, 20)  # concurrent call_soon chains = callbacks per loop iteration
 MARKER = "getsid"  # callgrind --dump-before=getsid: os.getsid(0) separates the measured segments
 
-# Sizes per mode.  Everything is sized for 2 shared cores: full < ~6 min, quick < ~2 min.
+# Sizes per mode.  Everything is sized for 2 shared cores: full ~10 min, quick ~4 min.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "wall": {"pairs": 8, "rounds": 3, "tasks": 100, "steps": 2500, "chains": 20, "chain_len": 5000},
@@ -1490,7 +1493,7 @@ def run_driver(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short run (about two minutes)")
+    parser.add_argument("--quick", action="store_true", help="short run (about four minutes)")
     parser.add_argument("--pairs", type=int, default=0, help="number of with/without wall-clock pairs")
     parser.add_argument("--skip", action="append", default=[], choices=("wall", "callgrind", "idle", "hooks", "httpcg", "http"),
                         help="skip a figure (repeatable)")

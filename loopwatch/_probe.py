@@ -99,6 +99,8 @@ class LoopProbe:
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.cancel()
+        if self.activity is not None:
+            self.activity.pause()
 
     def stop(self) -> None:
         """Stop beating; safe from any thread."""

@@ -186,7 +186,9 @@ class IterationTimer:
         # The wrapper's state lives in its closure; these read and restart it from other methods.
         self._read: Callable[[], tuple[float, float | None]] | None = None
         self._restart: Callable[[], None] | None = None
+        self._hold: Callable[[], None] | None = None
         self._last_busy = 0.0  # what busy_now() last returned: the counter never goes back
+        self._paused = False  # the loop is not running (between run_until_complete calls)
         self.saw_exact_slow = False
 
     def install(self) -> bool:
@@ -196,12 +198,12 @@ class IterationTimer:
         original = getattr(selector, "select", None)
         if selector is None or not callable(original):
             return False
-        select, read, restart = self._make_select(original)
+        select, read, restart, hold = self._make_select(original)
         try:
             selector.select = select
         except AttributeError:  # a selector without an instance dict
             return False
-        self._selector, self._select, self._read, self._restart = selector, select, read, restart
+        self._selector, self._select, self._read, self._restart, self._hold = selector, select, read, restart, hold
         if self._exact_always:
             self._exact_on = True
             _set_exact(self, True)
@@ -213,15 +215,24 @@ class IterationTimer:
             del selector.select
         if self._read is not None:
             self.busy_now()  # kept as the final value: the wrapper's clock stops here
-        self._selector = self._select = self._read = self._restart = None
+        self._selector = self._select = self._read = self._restart = self._hold = None
         if self._exact_on:
             self._exact_on = False
             _set_exact(self, False)
 
     def reset(self) -> None:
         """The loop (re)starts running: time outside it is not busy time."""
+        self._paused = False
         if self._restart is not None:
             self._restart()
+
+    def pause(self) -> None:
+        """The loop stopped running (``run_until_complete`` returned): until it runs again, busy time does
+        not grow.  The busy stretch up to here is counted at the next select() or kept by busy_now()."""
+        if self._hold is not None:
+            self._hold()
+            self.busy_now()
+        self._paused = True
 
     def on_beat(self) -> None:
         """Called on the loop thread at each probe beat: ends a finished exact-timing window (kept out of
@@ -237,7 +248,7 @@ class IterationTimer:
         between the reads can make the sum come out short by one iteration; it is never reported
         below what was reported before (a counter that goes back is a reset to Prometheus)."""
         read = self._read
-        if read is None:
+        if read is None or self._paused:
             return self._last_busy
         busy, start = read()
         if start is not None:
@@ -247,8 +258,9 @@ class IterationTimer:
         self._last_busy = busy
         return busy
 
-    def _make_select(self, original: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[[], tuple[float, float | None]], Callable[[], None]]:
-        """The selector's ``select`` wrapper, plus a reader and a restarter of its state.
+    def _make_select(self, original: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[[], tuple[float, float | None]],
+                                                                  Callable[[], None], Callable[[], None]]:
+        """The selector's ``select`` wrapper, plus a reader, a restarter and a holder of its state.
 
         It is the one piece of loopwatch that runs on every loop iteration, so it is written for the
         interpreter: closure cells rather than attributes, no method calls on the way, and one clock read
@@ -288,7 +300,14 @@ class IterationTimer:
             nonlocal start
             start = clock()
 
-        return select, read, restart
+        def hold() -> None:  # the loop stops running: count the stretch so far, up to now
+            nonlocal start, busy_total
+            if start is not None:
+                now = clock()
+                busy_total += now - start
+                start = now
+
+        return select, read, restart, hold
 
     def _slow_iteration(self, busy: float) -> None:
         try:
@@ -332,6 +351,9 @@ class CpuBusy:
         return None if cpu is None else max(0.0, cpu - self._base)
 
     def reset(self) -> None:
+        pass
+
+    def pause(self) -> None:
         pass
 
     def on_beat(self) -> None:

@@ -247,6 +247,25 @@ def test_iteration_timer_names_a_slow_iteration_the_watchdog_saw() -> None:
         _slow._set_exact(timer, False)
 
 
+def test_iteration_timer_does_not_count_time_while_the_loop_is_not_running() -> None:
+    clock = Clock()
+    loop, timer, _ = iteration_timer(clock, threshold=math.inf)
+    try:
+        run_iteration(loop, clock, busy=0.05, idle=0.1, timeout=None)
+        clock.now += 0.03  # the last callbacks, then run_until_complete() returns
+        timer.pause()
+        assert timer.busy_now() == pytest.approx(0.08)
+        clock.now += 30.0  # the loop is not running: not busy
+        assert timer.busy_now() == pytest.approx(0.08)
+        timer.reset()  # it runs again
+        clock.now += 0.02
+        assert timer.busy_now() == pytest.approx(0.10)
+        run_iteration(loop, clock, busy=0.01, idle=1.0, timeout=None)
+        assert timer.busy_now() == pytest.approx(0.11)
+    finally:
+        timer.uninstall()
+
+
 def test_iteration_timer_busy_counter_never_goes_back_and_freezes_on_uninstall() -> None:
     clock = Clock()
     loop, timer, _ = iteration_timer(clock, threshold=math.inf)
