@@ -15,8 +15,9 @@ iteration's busy time: summed, it is ``event_loop_busy_seconds_total``; an itera
   "exact"`` it is always on.  The wrapper is removed when no loop needs it.
 
 uvloop's loop has no Python selector and its handles cannot be wrapped: there, busy time is the loop
-thread's on-CPU time (schedstat, read at scrape time) and only stalls past the first lag threshold are
-named (by the watchdog).
+thread's on-CPU time (schedstat, read at scrape time), and the slow callbacks counted are the stalls the
+watchdog sees (past the first lag threshold), named after the task step that was running mid-stall
+(asyncio's current-task table, read from the watchdog thread) or ``unattributed`` for a plain callback.
 """
 
 from __future__ import annotations
@@ -59,23 +60,43 @@ class SlowCallback:
     culprit: str | None = None  # innermost application frame, when a stack was taken mid-stall
 
 
+def describe_task(task: asyncio.Task) -> dict[str, Any]:
+    """A task step: the task's name, its coroutine, where that is defined and where it stands now."""
+    coro = task.get_coro()
+    code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+    frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+    module = frame.f_globals.get("__name__") if frame is not None else None
+    qualname = getattr(coro, "__qualname__", type(coro).__name__)
+    return {
+        "what": "task_step",
+        "label": f"{module}.{qualname}" if module else qualname,
+        "task": task.get_name(),
+        "coro": qualname,
+        "source": f"{code.co_filename}:{code.co_firstlineno}" if code is not None else None,
+        "at": f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else None,
+    }
+
+
+_current_tasks = getattr(asyncio.tasks, "_current_tasks", None)  # {loop: task}, kept by asyncio and uvloop
+
+
+def running_task(loop: asyncio.AbstractEventLoop | None) -> asyncio.Task | None:
+    """The task whose step ``loop`` is running now, read from another thread (the watchdog, mid-stall);
+    None for a plain callback, or where this Python keeps the current task elsewhere."""
+    if loop is None:
+        return None
+    try:
+        task = _current_tasks.get(loop) if _current_tasks is not None else None
+    except Exception:  # noqa: BLE001 - feature-detected internals
+        return None
+    return task if isinstance(task, asyncio.Task) else None
+
+
 def describe_callback(callback: Any) -> dict[str, Any]:
     """What ran: task name and coroutine for task steps; function and its source otherwise."""
     owner = getattr(callback, "__self__", None)
     if isinstance(owner, asyncio.Task):
-        coro = owner.get_coro()
-        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        module = frame.f_globals.get("__name__") if frame is not None else None
-        qualname = getattr(coro, "__qualname__", type(coro).__name__)
-        return {
-            "what": "task_step",
-            "label": f"{module}.{qualname}" if module else qualname,
-            "task": owner.get_name(),
-            "coro": qualname,
-            "source": f"{code.co_filename}:{code.co_firstlineno}" if code is not None else None,
-            "at": f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else None,
-        }
+        return describe_task(owner)
     while isinstance(callback, functools.partial):
         callback = callback.func
     function = getattr(callback, "__func__", callback)
@@ -166,6 +187,8 @@ def _set_exact(timer: IterationTimer, on: bool) -> None:
 
 class IterationTimer:
     """Times one stdlib loop's iterations through its selector (see the module docstring)."""
+
+    times_iterations = True  # it counts the loop's slow callbacks itself
 
     def __init__(self, loop: asyncio.AbstractEventLoop, label: str, slow: SlowCallbacks, *,
                  exact_always: bool, enabled: bool = True,
@@ -339,7 +362,10 @@ class CpuBusy:
     """Where iterations cannot be timed (uvloop): the loop thread's on-CPU time stands in for busy time.
 
     It misses time a callback spends blocked in a syscall (a sync DB call waiting on the network).
+    Slow callbacks are counted by the watchdog instead: the stalls it sees (see ``Watchdog._count_slow``).
     """
+
+    times_iterations = False
 
     def __init__(self, ident: int, native_id: int | None) -> None:
         self._clock = ThreadClock(ident, native_id)

@@ -26,7 +26,7 @@ from ._cputime import CPU_KIND_RATIO, ThreadClock, ThreadSample, classify
 from ._log import emit, logger
 from ._native import FIRE_AT, NativeWatch
 from ._probe import Beat, LoopProbe
-from ._slow import label_from_stack
+from ._slow import UNATTRIBUTED, SlowCallback, describe_task, label_from_stack, running_task
 from ._waker import Waker
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ class Stall:
     culprit: dict[str, Any] | None = None
     source: str | None = None
     note: str | None = None
+    task: dict[str, Any] | None = None  # the task step running mid-stall (describe_task), if any
 
 
 @dataclasses.dataclass
@@ -275,15 +276,20 @@ class Watchdog:
         loop_stack = _frames.stack_of(loop_frame)
         running = label_from_stack(loop_frame)
         del loop_frame
+        loop = probe.loop
+        task = running_task(loop)
         threads = _frames.all_thread_stacks(frames) if writer.enabled else []
         del frames
-        loop = probe.loop
         tasks = _frames.task_stacks(loop) if writer.enabled and loop is not None else []
         if probe.expected_at != stall.key or not probe.running:
             stall.note = "stack discarded: the stall ended while it was being taken"
             logger.debug("loopwatch.capture_discarded", loop=probe.label)
             return
         stall.culprit, stall.source = _frames.culprit_of(loop_stack), "watchdog"
+        with self._agent.guard("watchdog"):
+            stall.task = describe_task(task) if task is not None else None
+        if running is None and stall.task is not None:
+            running = stall.task["label"]
         if running is not None:
             probe.stall_callback = (running, _frames_location(stall.culprit))
         if not writer.enabled:
@@ -333,12 +339,25 @@ class Watchdog:
                 if stall.source is None and beat.delay >= self._options.dump_threshold:
                     self._dump_from_faulthandler(probe, stall, text, beat, kind)
         culprit = stall.culprit
+        if probe.activity is not None and not probe.activity.times_iterations:
+            self._count_slow(probe, stall, beat.delay)
         emit(
             "warning", "loopwatch.stall", loop=probe.label, duration=round(beat.delay, 6),
             thresholds=[t for t in self._options.lag_thresholds if t in stall.counted],
             culprit=_frames_location(culprit), dump=str(stall.dump_path) if stall.dump_path else None,
             kind=kind, cpu_seconds=None if beat.cpu_seconds is None else round(beat.cpu_seconds, 6),
             source=stall.source, note=stall.note)
+
+    def _count_slow(self, probe: LoopProbe, stall: Stall, duration: float) -> None:
+        """A loop whose iterations cannot be timed (uvloop): a stall the watchdog saw is its slow callback,
+        named after the task step that was running mid-stall (``unattributed`` for a plain callback)."""
+        slow = self._agent.slow
+        if self._options.slow_callback_mode == "off" or duration < slow.threshold:
+            return
+        with self._agent.guard("watchdog"):
+            info = dict(stall.task) if stall.task else {"what": "stall", "label": UNATTRIBUTED}
+            slow.record(SlowCallback(probe.label, duration, info.pop("label"), info.pop("what"),
+                                     culprit=_frames_location(stall.culprit), **info))
 
     def _dump_from_faulthandler(self, probe: LoopProbe, stall: Stall, text: str, beat: Beat,
                                 kind: str) -> None:

@@ -136,7 +136,9 @@ def test_two_loops_in_two_threads(app_runner, tmp_path: Path, impl: str, loop_cl
     app.wait_line("WORKER-CLOSED")
     samples = wait_for(lambda: (lambda s: s if not series_of(s, "worker-loop") else None)(scrape(url)),
                        timeout=15.0, what="the closed worker loop's series to disappear")
-    assert series_of(samples, "main") == before
+    # None of the main loop's series went away (on uvloop the main stall's slow callback may have been
+    # counted in between: the watchdog counts it when the stall ends, after ``before`` was read).
+    assert before <= series_of(samples, "main")
     assert spikes(samples, "main") == (1.0, 1.0, 0.0)
     assert metric(samples, "tasks", loop="main") == 4.0
     assert metric(samples, "task_exceptions_total", exception="LookupError") == 1.0  # counters stay

@@ -347,3 +347,62 @@ def test_a_healthy_loop_does_not_wake_the_watchdog_and_a_stall_does(registry, tm
     healthy, stalled = asyncio.run(main())
     assert healthy == [], healthy  # 30 healthy beats, not one wake-up (MAX_SLEEP_TIMED is 5 s)
     assert stalled, "the stall did not wake the watchdog"
+
+
+# -- loops whose iterations cannot be timed (uvloop): the watchdog counts the slow callbacks ------------
+
+class NoIterationTiming:
+    """What the agent gives a uvloop loop (CpuBusy): it does not count slow callbacks itself."""
+
+    times_iterations = False
+
+    def busy_now(self) -> None:
+        return None
+
+
+async def settle_book() -> None:
+    await asyncio.sleep(1)
+
+
+def stall_and_recover(agent, probe, clock, task=None):
+    if task is not None:
+        asyncio.tasks._enter_task(probe.loop, task)
+    try:
+        clock.now = probe.expected_at + 0.7
+        agent.watchdog.tick(clock.now)  # mid-stall: the stack, and the task that is running
+    finally:
+        if task is not None:
+            asyncio.tasks._leave_task(probe.loop, task)
+    with capture_logs() as logs:
+        probe.beat(clock.now + 0.1)
+        clock.now += 0.2
+        agent.watchdog.tick(clock.now)  # the stall is over: counted
+    return [e for e in logs if e["event"] == "loopwatch.slow_callback"]
+
+
+def test_a_seen_stall_is_a_slow_callback_named_after_the_running_task(setup) -> None:
+    agent, probe, clock, registry, dump_dir = setup
+    probe.activity = NoIterationTiming()
+    task = probe.loop.create_task(settle_book(), name="settle")
+    try:
+        events = stall_and_recover(agent, probe, clock, task)
+    finally:
+        task.cancel()
+        probe.loop.run_until_complete(asyncio.sleep(0))
+    assert agent.slow.counts["main"].items() == [(f"{__name__}.settle_book", 1.0)]
+    (event,) = events
+    assert (event["what"], event["task"], event["coro"]) == ("task_step", "settle", "settle_book")
+    assert event["duration"] == pytest.approx(0.8)
+    assert event["culprit"].startswith(f"{__file__}:")  # the loop thread here is the test's own thread
+    assert registry.get_sample_value("loopwatch_slow_callback_duration_seconds_count",
+                                     {"service": agent.options.service, "loop": "main"}) == 1
+
+
+def test_a_seen_stall_without_a_task_is_unattributed_and_stdlib_loops_are_not_counted_twice(setup) -> None:
+    agent, probe, clock, registry, dump_dir = setup
+    probe.activity = NoIterationTiming()
+    (event,) = stall_and_recover(agent, probe, clock)
+    assert (event["callback"], event["what"]) == ("unattributed", "stall")
+    probe.activity = type("Timer", (), {"times_iterations": True, "busy_now": lambda self: None})()  # stdlib: its timer counts
+    assert stall_and_recover(agent, probe, clock) == []
+    assert agent.slow.counts["main"].items() == [("unattributed", 1.0)]

@@ -26,6 +26,11 @@ async def score_signal(n: int) -> None:
     await asyncio.sleep(0)
 
 
+async def settle_book() -> None:
+    await asyncio.sleep(0.05)
+    burn(1.3)  # LONG-STEP: a lag of 0.8 s or more, wherever the beat falls in it
+
+
 def flush_cache() -> None:
     burn(0.2)  # SLOW-CALLBACK
 
@@ -41,6 +46,9 @@ async def main() -> None:
     await asyncio.sleep(1.1)
     asyncio.get_running_loop().call_soon(flush_cache)
     await asyncio.sleep(0.3)
+    if LOOP == "uvloop":  # past the first lag threshold (0.5 s): the watchdog sees it mid-stall
+        await asyncio.create_task(settle_book(), name="settle")
+        await asyncio.sleep(0.6)  # the beat after the stall: the watchdog counts it
     emit_line(f"PHASE half-busy-start {time.time()}")
     end = time.monotonic() + 4.0
     while time.monotonic() < end:
