@@ -208,8 +208,7 @@ class IterationTimer:
         self._select: Callable[..., Any] | None = None
         # The wrapper's state lives in its closure; these read and restart it from other methods.
         self._read: Callable[[], tuple[float, float | None]] | None = None
-        self._restart: Callable[[], None] | None = None
-        self._hold: Callable[[], None] | None = None
+        self._restart: Callable[[bool], None] | None = None
         self._last_busy = 0.0  # what busy_now() last returned: the counter never goes back
         self._paused = False  # the loop is not running (between run_until_complete calls)
         self.saw_exact_slow = False
@@ -221,12 +220,12 @@ class IterationTimer:
         original = getattr(selector, "select", None)
         if selector is None or not callable(original):
             return False
-        select, read, restart, hold = self._make_select(original)
+        select, read, restart = self._make_select(original)
         try:
             selector.select = select
         except AttributeError:  # a selector without an instance dict
             return False
-        self._selector, self._select, self._read, self._restart, self._hold = selector, select, read, restart, hold
+        self._selector, self._select, self._read, self._restart = selector, select, read, restart
         if self._exact_always:
             self._exact_on = True
             _set_exact(self, True)
@@ -238,7 +237,7 @@ class IterationTimer:
             del selector.select
         if self._read is not None:
             self.busy_now()  # kept as the final value: the wrapper's clock stops here
-        self._selector = self._select = self._read = self._restart = self._hold = None
+        self._selector = self._select = self._read = self._restart = None
         if self._exact_on:
             self._exact_on = False
             _set_exact(self, False)
@@ -247,13 +246,13 @@ class IterationTimer:
         """The loop (re)starts running: time outside it is not busy time."""
         self._paused = False
         if self._restart is not None:
-            self._restart()
+            self._restart(False)
 
     def pause(self) -> None:
         """The loop stopped running (``run_until_complete`` returned): until it runs again, busy time does
         not grow.  The busy stretch up to here is counted at the next select() or kept by busy_now()."""
-        if self._hold is not None:
-            self._hold()
+        if self._restart is not None:
+            self._restart(True)
             self.busy_now()
         self._paused = True
 
@@ -282,8 +281,8 @@ class IterationTimer:
         return busy
 
     def _make_select(self, original: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[[], tuple[float, float | None]],
-                                                                  Callable[[], None], Callable[[], None]]:
-        """The selector's ``select`` wrapper, plus a reader, a restarter and a holder of its state.
+                                                                  Callable[[bool], None]]:
+        """The selector's ``select`` wrapper, plus a reader and a restarter of its state.
 
         It is the one piece of loopwatch that runs on every loop iteration, so it is written for the
         interpreter: closure cells rather than attributes, no method calls on the way, and one clock read
@@ -319,18 +318,16 @@ class IterationTimer:
         def read() -> tuple[float, float | None]:
             return busy_total, start
 
-        def restart() -> None:
-            nonlocal start
-            start = clock()
-
-        def hold() -> None:  # the loop stops running: count the stretch so far, up to now
+        def restart(count_stretch: bool) -> None:
+            """A new busy stretch from now; ``count_stretch``: the one so far was busy (the loop stops
+            running), else it was not (the loop starts running again after a pause)."""
             nonlocal start, busy_total
-            if start is not None:
-                now = clock()
+            now = clock()
+            if count_stretch and start is not None:
                 busy_total += now - start
-                start = now
+            start = now
 
-        return select, read, restart, hold
+        return select, read, restart
 
     def _slow_iteration(self, busy: float) -> None:
         try:
