@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test compat bench clean
+.PHONY: setup demo test compat asyncio-suite bench clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,19 @@ compat:
 		.venv-$$v/bin/python -m pip install --quiet -e '.[dev]'; \
 		.venv-$$v/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS); \
 	done
+
+# CPython's own test_asyncio on every CPython 3.11-3.13 here, without and with loopwatch installed (from a
+# sitecustomize, in every process): same outcome for every test, no test slower by more than a constant.
+SUITE_PYTHONS ?= $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3 $(HOME)/.pyenv/versions/3.13*/bin/python3)
+
+asyncio-suite: setup
+	@set -e; pythons="$(BIN)/python"; for py in $(SUITE_PYTHONS); do \
+		v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+		[ -x .venv-$$v/bin/python ] || $$py -m venv .venv-$$v; \
+		.venv-$$v/bin/python -m pip install --quiet -e . ; \
+		pythons="$$pythons .venv-$$v/bin/python"; \
+	done; \
+	$(BIN)/python tools/cpython_asyncio.py $$(for p in $$pythons; do printf -- '--python %s ' $$p; done)
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py

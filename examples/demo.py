@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+import structlog
+
 import loopwatch
 from metrics_client import Scraper, free_port, scrape, value
 from tradingbot.bot import TradingBot
@@ -188,6 +190,7 @@ def main() -> int:
                         help="where loopwatch writes its dumps (default: a new temp dir)")
     args = parser.parse_args()
     args.dump_dir = args.dump_dir or Path(tempfile.mkdtemp(prefix="loopwatch-demo-"))
+    structlog.configure()  # the bot logs with structlog (its defaults: the console); loopwatch's events go there too
 
     print("loopwatch demo: a trading bot whose async signal handler makes a slow, synchronous AI API call",
           flush=True)

@@ -41,6 +41,8 @@ from typing import Any
 
 import psutil
 
+import structlog
+
 import loopwatch
 from metrics_client import Samples, free_port, scrape, value
 
@@ -257,6 +259,7 @@ async def service(url: str) -> int:
 
 def main() -> int:
     dump_dir = tempfile.mkdtemp(prefix="loopwatch-gil-")
+    structlog.configure()  # the service logs with structlog (its defaults: the console); loopwatch's events go there too
     print("loopwatch example: CPU-bound pure-Python work offloaded to threads fights over the GIL", flush=True)
     agent = loopwatch.install(namespace=NS, service="scoring", metrics_port=free_port(), metrics_addr="127.0.0.1",
                               dump_dir=dump_dir, probe_interval=0.05, gil_probe_interval=GIL_PROBE_INTERVAL)

@@ -44,6 +44,8 @@ from typing import Any
 import asyncpg
 import psycopg2
 
+import structlog
+
 import loopwatch
 from metrics_client import Samples, Scraper, free_port, scrape, value
 from tradingbot.market import TickerStats, market_data_ticker
@@ -410,6 +412,7 @@ def main() -> int:
     args = parser.parse_args()
     DATABASE_URL = args.dsn
     dump_dir = args.dump_dir or Path(tempfile.mkdtemp(prefix="loopwatch-sessions-"))
+    structlog.configure()  # the bot logs with structlog (its defaults: the console); loopwatch's events go there too
 
     print("loopwatch example: a trading bot's sessions database -- sync psycopg2 in async handlers, then an "
           "asyncpg pool", flush=True)

@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,20 @@ from typing import Any
 import psutil
 
 from . import _fork, _frames
+from . import _unpatched as _os
 from ._config import Options
 from ._dumps import DumpWriter, safe_reason, write_private
 from ._errors import ConfigError
 from ._executors import Executors
 from ._exporter import Exporter
 from ._gil import GilContention, GilProbe
-from ._hooks import LoopHooks
-from ._log import Guard, emit, logger
+from ._hooks import LoopHooks, known_loop_method
+from ._log import Guard, emit
 from ._metrics import Metrics
 from ._native import INFLIGHT_PREFIX, NativeWatch, parse_header
 from ._pools import Pools
 from ._pyspy import NativeStacks, find_pyspy
-from ._probe import LoopProbe
+from ._probe import LoopProbe, virtual_clock
 from ._tasks import TaskHealth
 from ._threads import ThreadCpu
 from ._slow import CpuBusy, IterationTimer, SlowCallback, SlowCallbackMetrics, SlowCallbacks
@@ -96,6 +98,8 @@ class Agent:
                                  clock=clock)
         self._lock = threading.RLock()
         self._probes: tuple[LoopProbe, ...] = ()
+        # Loops not watched because their clock is not real (test loops that fast-forward time).
+        self._left_alone: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._native: NativeWatch | None = None
         self._native_owner: LoopProbe | None = None
         self._exporter: Exporter | None = None
@@ -190,7 +194,7 @@ class Agent:
                 self.options.registry.unregister(self.metrics)
             except KeyError:
                 pass
-        logger.info("loopwatch.uninstalled")
+        emit("info", "loopwatch.uninstalled")
 
     def _start_native_stacks(self) -> None:
         binary = find_pyspy()
@@ -206,11 +210,12 @@ class Agent:
 
     def _degrade(self, feature: str, reason: str) -> None:
         self._degraded.append(f"{feature}: {reason}")
-        logger.warning("loopwatch.degraded", feature=feature, reason=reason)
+        emit("warning", "loopwatch.degraded", feature=feature, reason=reason)
 
     def _start_exporter(self) -> None:
         ports = self.options.metrics_ports
         exporter = Exporter(self.options.metrics_addr, ports, self.options.registry)
+        exporter.on_error = lambda exc: self.guard.report("exporter", exc)
         try:
             exporter.start()
         except OSError as exc:
@@ -253,6 +258,12 @@ class Agent:
                         probe.resume()
                         self.watchdog.poke()
                     return probe
+            if loop in self._left_alone:
+                return None
+            reason = virtual_clock(loop)
+            if reason is not None:
+                self._leave_alone(loop, reason)
+                return None
             for closed in [p for p in self._probes if p.closed]:
                 self._detach_locked(closed)
             if len(self._probes) >= MAX_LOOPS:
@@ -261,7 +272,8 @@ class Agent:
             probe = LoopProbe(loop, self._new_label(), interval=self.options.probe_interval,
                               late_threshold=self.options.dump_threshold, observe=self.metrics.observe_delay,
                               on_error=lambda exc: self.guard.report("probe", exc),
-                              on_collected=self._on_collected, clock=self._clock)
+                              on_collected=self._on_collected, on_virtual_clock=self._on_virtual_clock,
+                              clock=self._clock)
             self.metrics.add_loop(probe.label)
             probe.activity = self._activity_for(loop, probe)
             native = self._native
@@ -276,9 +288,14 @@ class Agent:
             probe.on_scheduled = self._arm_watchdog
         probe.start()
         with self.guard("hooks"):
-            self.task_health.attach(probe)
+            if known_loop_method(loop, "call_exception_handler"):
+                self.task_health.attach(probe)
+            else:
+                self._not_patched(loop, "call_exception_handler", probe)
         with self.guard("executor"):
-            if not self.executors.attach(loop, probe.label):
+            if not known_loop_method(loop, "run_in_executor"):
+                self._not_patched(loop, "run_in_executor", probe)
+            elif not self.executors.attach(loop, probe.label):
                 self._degrade("executor", f"cannot wrap {type(loop).__qualname__}.run_in_executor: the default "
                                           f"executor of loop {probe.label!r} is not measured")
         self.watchdog.poke()
@@ -301,8 +318,8 @@ class Agent:
             self.guard.report("watchdog", exc)
 
     def _new_label(self) -> str:
-        thread = threading.current_thread()
-        base = "main" if thread is threading.main_thread() else re.sub(r"\s+", "_", thread.name)[:64]
+        thread = _os.current_thread()
+        base = "main" if thread is _os.main_thread() else re.sub(r"\s+", "_", thread.name)[:64]
         taken = {p.label for p in self._probes}
         label, n = base, 2
         while label in taken:
@@ -341,6 +358,8 @@ class Agent:
                                stall_label=probe.take_stall_callback)
         if timer.install():
             return timer
+        if timer.not_wrapped is not None:
+            emit("debug", "loopwatch.not_patched", loop=probe.label, reason=timer.not_wrapped)
         return CpuBusy(probe.thread_ident, probe.native_id)
 
     def _log_slow(self, event: SlowCallback) -> None:
@@ -348,6 +367,26 @@ class Agent:
         fields["duration"] = round(event.duration, 6)
         fields["callback"] = fields.pop("label")
         emit("warning", "loopwatch.slow_callback", **fields)
+
+    @staticmethod
+    def _not_patched(loop: asyncio.AbstractEventLoop, method: str, probe: LoopProbe) -> None:
+        kind = type(loop)
+        emit("debug", "loopwatch.not_patched", loop=probe.label,
+             reason=f"{kind.__module__}.{kind.__qualname__}.{method} is its own, not asyncio's: left alone")
+
+    def _leave_alone(self, loop: asyncio.AbstractEventLoop, reason: str) -> None:
+        """Never watch ``loop``: a probe timer would be the next event of a loop whose clock is virtual."""
+        self._left_alone.add(loop)
+        emit("debug", "loopwatch.loop_not_watched", loop_class=type(loop).__qualname__, reason=reason)
+
+    def _on_virtual_clock(self, probe: LoopProbe, reason: str) -> None:
+        """A watched loop's clock started running fast (its ``time()`` was patched): stop watching it.
+        Called in the loop's thread, from the probe's beat."""
+        loop = probe.loop
+        with self._lock:
+            self._detach_locked(probe)
+            if loop is not None:
+                self._leave_alone(loop, reason)
 
     def _on_collected(self, probe: LoopProbe) -> None:
         """The loop was garbage-collected (weakref callback, any thread, maybe inside the GC)."""
@@ -358,7 +397,7 @@ class Agent:
             finally:
                 self._lock.release()
         else:
-            self.watchdog.poke()  # the watchdog detaches it
+            self.watchdog.poke(always=True)  # the watchdog detaches it
 
     def _on_loop_start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.started:
@@ -455,7 +494,7 @@ class Agent:
         if not self.writer.enabled:
             raise RuntimeError(f"loopwatch dumps are disabled: {self.writer.disabled_reason}")
         frames = _frames.current_frames()
-        here = threading.get_ident()
+        here = _os.get_ident()
         probes = self._probes
         probe = next((p for p in probes if p.thread_ident == here), probes[0] if probes else None)
         loop_stack = _frames.stack_of(frames.get(probe.thread_ident)) if probe else []

@@ -18,6 +18,8 @@ import os
 import time
 from typing import NamedTuple
 
+from . import _unpatched as _os
+
 CPU_KIND_RATIO = 0.5
 
 
@@ -63,11 +65,11 @@ class ThreadClock:
 
 def _read_schedstat(path: str) -> float | None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _os.open(path, os.O_RDONLY)
         try:
-            fields = os.read(fd, 128).split()
+            fields = _os.read(fd, 128).split()
         finally:
-            os.close(fd)
+            _os.close(fd)
         return (int(fields[0]) + int(fields[1])) / 1e9
     except (OSError, ValueError, IndexError):
         return None

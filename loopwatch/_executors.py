@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import functools
+import sys
 import threading
 import time
 import weakref
@@ -43,9 +44,22 @@ def _nothing() -> None:
     return None
 
 
+def _is_pool(executor: object, kind: str) -> bool:
+    """``isinstance(executor, concurrent.futures.<kind>)`` without importing anything: the package loads
+    ``ThreadPoolExecutor`` and ``ProcessPoolExecutor`` lazily (the latter imports ``multiprocessing``), and
+    an executor of a class that is not loaded yet cannot exist."""
+    module = sys.modules.get("concurrent.futures.thread" if kind == "ThreadPoolExecutor" else "concurrent.futures.process")
+    cls = getattr(module, kind, None)
+    return cls is not None and isinstance(executor, cls)
+
+
+def _thread_pool_submit() -> Any:
+    return sys.modules["concurrent.futures.thread"].ThreadPoolExecutor.submit
+
+
 def check_executor(executor: object, name: object) -> None:
     """Refuse what :func:`loopwatch.watch_executor` cannot watch, with a :class:`ConfigError`."""
-    if not isinstance(executor, (cf.ThreadPoolExecutor, cf.ProcessPoolExecutor)):
+    if not (_is_pool(executor, "ThreadPoolExecutor") or _is_pool(executor, "ProcessPoolExecutor")):
         kind = type(executor)
         raise ConfigError(f"watch_executor() watches concurrent.futures.ThreadPoolExecutor and "
                           f"ProcessPoolExecutor (and their subclasses), got {kind.__module__}.{kind.__qualname__}")
@@ -137,10 +151,16 @@ class Executors:
             watched = _Watched(name, executor)
             self._watched[name] = watched
             self.histogram.labels(self._metrics.service, name)
-        if isinstance(executor, cf.ThreadPoolExecutor):
+        if _is_pool(executor, "ThreadPoolExecutor"):
             self._patch_submit(watched, executor)
 
     def _patch_submit(self, watched: _Watched, executor: cf.Executor) -> None:
+        if type(executor).submit is not _thread_pool_submit():
+            kind = type(executor)
+            emit("debug", "loopwatch.not_patched", executor=watched.name,
+                 reason=f"{kind.__module__}.{kind.__qualname__}.submit is its own: its queue wait is not "
+                        f"measured, its gauges are")
+            return
         original = executor.submit
         shim = self._shim
 
@@ -174,14 +194,16 @@ class Executors:
             return True
         name = "default" if not self._loops and label == "main" else f"default:{label}"
         watched = _Watched(name, None)  # until asyncio creates the default executor
-        previous = instance_attribute(loop, "run_in_executor")
+        if instance_attribute(loop, "run_in_executor") is not None:  # replaced on this loop by someone else: theirs, left alone
+            emit("debug", "loopwatch.not_patched", loop=label,
+                 reason="the loop's run_in_executor was already replaced on the instance: left alone, its "
+                        "default executor is not measured")
+            return True
         method = type(loop).run_in_executor
         shim, pick_up = self._shim, self._pick_up
         loop_ref = weakref.ref(loop)  # never the loop itself: the wrapper lives on it (no cycle, no leak)
 
         def original(executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-            if previous is not None:
-                return previous(executor, func, *args)
             return method(loop_ref(), executor, func, *args)
 
         def run_in_executor(executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
@@ -272,7 +294,7 @@ class Executors:
             depth.add_metric([service, name], numbers["queue_depth"])
             threads.add_metric([service, name], numbers["threads"])
             limit.add_metric([service, name], numbers["max_workers"])
-            if isinstance(executor, cf.ThreadPoolExecutor):
+            if _is_pool(executor, "ThreadPoolExecutor"):
                 busy.add_metric([service, name], float(max(0, min(item.busy, numbers["threads"]))))
         histograms = [m for m in self.histogram.collect()]
         return [depth, threads, limit, busy, *histograms]
@@ -295,11 +317,11 @@ class Executors:
 def _numbers(executor: Any) -> dict[str, float]:
     """Queue depth, workers and limit, read from the executor's attributes (never blocks)."""
     try:
-        if isinstance(executor, cf.ThreadPoolExecutor):
+        if _is_pool(executor, "ThreadPoolExecutor"):
             queue = executor._work_queue  # type: ignore[attr-defined]
             return {"queue_depth": float(queue.qsize()), "threads": float(len(executor._threads)),  # type: ignore[attr-defined]
                     "max_workers": float(executor._max_workers)}  # type: ignore[attr-defined]
-        if isinstance(executor, cf.ProcessPoolExecutor):
+        if _is_pool(executor, "ProcessPoolExecutor"):
             pending = len(getattr(executor, "_pending_work_items", {}) or {})
             processes = getattr(executor, "_processes", None) or {}
             workers = float(getattr(executor, "_max_workers", 0) or 0)

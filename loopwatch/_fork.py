@@ -33,6 +33,7 @@ the current agent (``_current``), which ``Agent.stop()`` clears.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -194,10 +195,8 @@ def _forget_parent(agent: Agent, parent_pid: int) -> None:
 def _log_write_locks() -> list[Any]:
     """structlog's per-file write locks (``PrintLogger``; private, so best effort): held across fork()
     like the ``logging`` module holds its handlers' locks."""
-    try:
-        from structlog import _output
-
-        return list(getattr(_output, "WRITE_LOCKS", {}).values())
+    try:  # looked up, not imported: only an application that uses structlog has its locks
+        return list(getattr(sys.modules.get("structlog._output"), "WRITE_LOCKS", {}).values())
     except Exception:  # noqa: BLE001
         return []
 

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from . import _unpatched as _os
+
 WINDOW = 60  # samples averaged by gil_contention (a minute at the default interval)
 BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -133,7 +135,7 @@ class GilProbe:
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
         thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread is not _os.current_thread():
             thread.join(timeout)
 
     def abandon(self) -> None:

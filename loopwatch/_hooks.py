@@ -108,6 +108,17 @@ class LoopHooks:
 _MISSING = object()
 
 
+def known_loop_method(loop: Any, name: str) -> bool:
+    """True if ``loop``'s class takes its method ``name`` from asyncio or uvloop, not from a subclass of
+    its own (a test double, or a loop that does something else there): only then does loopwatch wrap it."""
+    method = getattr(type(loop), name, None)
+    if method is not None and method is getattr(asyncio.BaseEventLoop, name, None):
+        return True
+    uvloop = sys.modules.get("uvloop")
+    loop_class = getattr(uvloop, "Loop", None)
+    return method is not None and loop_class is not None and method is getattr(loop_class, name, None)
+
+
 def instance_attribute(obj: Any, name: str) -> Any:
     """What an instance attribute ``name`` of ``obj`` holds (someone wrapped the method before us), or
     None when ``obj.name`` is the class's own method.  Deliberately not ``vars(obj)``: on CPython >= 3.11

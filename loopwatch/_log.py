@@ -1,7 +1,19 @@
 """Logging and the agent's own error accounting.
 
-loopwatch logs structlog events with stable names (``loopwatch.stall``, ``loopwatch.dump``, ...)
-through whatever structlog/logging set-up the application has; it never configures logging.
+loopwatch logs events with stable names (``loopwatch.stall``, ``loopwatch.dump``, ...) and never
+configures logging, and never writes to stdout itself:
+
+* when the application has configured structlog (``structlog.is_configured()``), events go through
+  structlog, as structured events with their fields (loopwatch does not import structlog itself: an
+  application that configured it has imported it);
+* otherwise they go through the standard :mod:`logging` module, to the ``loopwatch`` logger, as one
+  ``event key=value ...`` message (the fields are also on the record, as ``record.loopwatch``).  The
+  application's logging configuration decides where they go; without one, Python's last-resort handler
+  prints warnings and errors on **stderr** and drops the rest.  structlog's own default, printing to
+  stdout, would corrupt the output of every program whose stdout is data.
+
+The choice is made per event, so an application that configures structlog after ``install()`` gets
+loopwatch's events through it from then on.
 
 :class:`Guard` is the agent's answer to "never harm the host": every piece of agent code that runs
 inside the application (probe callbacks, the watchdog, collectors, dump writing) runs under a guard
@@ -11,17 +23,61 @@ traceback the first time a component fails with a given exception type, at debug
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
-import structlog
+std_logger = logging.getLogger("loopwatch")
 
-logger = structlog.get_logger("loopwatch")
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_structlog_loggers: dict[int, Any] = {}  # id(structlog module) -> its logger named "loopwatch"
 
-def emit(level: str, event: str, **fields: object) -> None:
-    """Log ``event`` at ``level`` with the fields that have a value."""
-    getattr(logger, level)(event, **{k: v for k, v in fields.items() if v is not None})
+
+def configured_structlog() -> Any:
+    """structlog's logger for loopwatch if the application has configured structlog, else ``None``.
+
+    Looked up in ``sys.modules``, never imported: an application that has not imported structlog has not
+    configured it, and importing it for nothing costs every process start ~40 ms (and, through its
+    module ``__getattr__``, imports ``importlib.metadata`` when a test runner walking ``sys.modules`` asks
+    it for an attribute it does not have)."""
+    module = sys.modules.get("structlog")
+    is_configured = getattr(module, "is_configured", None)
+    if is_configured is None or not is_configured():
+        return None
+    logger = _structlog_loggers.get(id(module))
+    if logger is None:
+        logger = _structlog_loggers[id(module)] = module.get_logger("loopwatch")
+    return logger
+
+
+def _text(value: object) -> str:
+    """A field value in an ``event key=value`` message: quoted when it would not read as one token."""
+    if isinstance(value, str):
+        return value if value and not any(c.isspace() or c in "'\"[]=" for c in value) else repr(value)
+    if isinstance(value, float):
+        return repr(round(value, 6))
+    if isinstance(value, (list, tuple)):
+        return repr(list(value))
+    return str(value).replace("\n", " ")
+
+
+def emit(level: str, event: str, *, exc_info: BaseException | None = None, **fields: object) -> None:
+    """Log ``event`` at ``level`` with the fields that have a value (see the module docstring)."""
+    values = {k: v for k, v in fields.items() if v is not None}
+    logger = configured_structlog()
+    if logger is not None:
+        if exc_info is not None:
+            values["exc_info"] = exc_info
+        getattr(logger, level)(event, **values)
+        return
+    number = _LEVELS[level]
+    if not std_logger.isEnabledFor(number):
+        return
+    message = " ".join([event, *(f"{k}={_text(v)}" for k, v in sorted(values.items()))])
+    std_logger.log(number, "%s", message, exc_info=exc_info, extra={"loopwatch": {"event": event, **values}})
 
 
 COMPONENTS = ("probe", "watchdog", "dump", "exporter", "collector", "faulthandler", "hooks", "fork", "threads",
@@ -46,10 +102,9 @@ class Guard:
                 first = key not in self._seen
                 self._seen.add(key)
             if first:
-                logger.error("loopwatch.error", component=component, error=repr(exc),
-                             exc_info=exc, **context)
+                emit("error", "loopwatch.error", component=component, error=repr(exc), exc_info=exc, **context)
             else:
-                logger.debug("loopwatch.error", component=component, error=repr(exc), **context)
+                emit("debug", "loopwatch.error", component=component, error=repr(exc), **context)
         except Exception:  # noqa: BLE001 - the last line of defence must not raise
             pass
 

@@ -26,6 +26,8 @@ import os
 import re
 from pathlib import Path
 
+from . import _unpatched as _os
+
 from ._dumps import PREFIX
 
 INFLIGHT_PREFIX = f"{PREFIX}inflight-"
@@ -73,8 +75,8 @@ class NativeWatch:
         return self.timeout - self.probe_interval
 
     def open(self) -> None:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        os.fchmod(self._fd, 0o600)
+        self._fd = _os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        _os.fchmod(self._fd, 0o600)
         self._write_header()
 
     def rewrite_header(self) -> None:
@@ -82,7 +84,7 @@ class NativeWatch:
 
     def written_at(self) -> float | None:
         """Wall-clock time of the last write to the file (faulthandler's, or our header's)."""
-        return os.fstat(self._fd).st_mtime if self._fd is not None else None
+        return _os.fstat(self._fd).st_mtime if self._fd is not None else None
 
     def _write_header(self) -> None:
         if self._fd is None:
@@ -90,8 +92,8 @@ class NativeWatch:
         thread = "none" if self.loop_thread is None else hex(self.loop_thread)
         header = (f"# loopwatch in-flight pid={self._pid} created={self._created_ms} loop_thread={thread} "
                   f"probe_interval={self.probe_interval} service={self._service}\n").encode()
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, header)
+        _os.ftruncate(self._fd, 0)
+        _os.write(self._fd, header)
         self._header_len = len(header)
 
     def set_loop_thread(self, ident: int | None) -> None:
@@ -109,16 +111,16 @@ class NativeWatch:
         faulthandler.cancel_dump_traceback_later()
 
     def has_output(self) -> bool:
-        return self._fd is not None and os.fstat(self._fd).st_size > self._header_len
+        return self._fd is not None and _os.fstat(self._fd).st_size > self._header_len
 
     def take(self) -> str:
         """Return what faulthandler wrote since the last call, and reset the file to its header."""
         if self._fd is None:
             return ""
-        size = os.fstat(self._fd).st_size
+        size = _os.fstat(self._fd).st_size
         if size <= self._header_len:
             return ""
-        data = os.pread(self._fd, size, 0)  # through our own fd: works even if dump_dir was removed
+        data = _os.pread(self._fd, size, 0)  # through our own fd: works even if dump_dir was removed
         self._write_header()
         return data[self._header_len:].decode("utf-8", "replace")
 
@@ -129,7 +131,7 @@ class NativeWatch:
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
-                os.close(fd)
+                _os.close(fd)
             except OSError:
                 pass
 
@@ -139,7 +141,7 @@ class NativeWatch:
             return
         self.cancel()
         keep = self.has_output()
-        os.close(self._fd)
+        _os.close(self._fd)
         self._fd = None
         if not keep:
             try:

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
+import inspect
+import sys
 import threading
 import time
 import weakref
@@ -29,6 +32,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ._errors import ConfigError
+from ._log import emit
 
 MAX_POOLS = 100
 MAX_HELD = 10_000  # acquired-connection start times kept per pool (a leak must not grow memory)
@@ -41,6 +45,13 @@ SUPPORTED = ("asyncpg.Pool", "psycopg_pool.ConnectionPool", "psycopg_pool.AsyncC
              "redis.ConnectionPool, redis.BlockingConnectionPool, redis.asyncio.ConnectionPool, "
              "redis.asyncio.BlockingConnectionPool (or a Redis client: its connection_pool)",
              "aiopg.Pool", "aiomysql.Pool")
+
+
+def _library(name: str) -> Any:
+    """A pool library's module.  A watched pool's library is loaded already (the pool is one of its
+    objects), so this is a lookup, not an import, in the application's thread or ours."""
+    module = sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)
 
 
 def _module(obj: Any) -> str:
@@ -258,9 +269,24 @@ class Adapter:
                     pass
         self._patched.clear()
 
+    def _library_method(self, obj: Any, name: str) -> bool:
+        """True if ``obj``'s class takes ``name`` from the pool's library: a subclass's own method (or a
+        test double) is left untouched, and only the pool's gauges are read."""
+        module = getattr(getattr(type(obj), name, None), "__module__", None) or ""
+        library = _module(obj).split(".", 1)[0]
+        if module.split(".", 1)[0] == library:
+            return True
+        kind = type(obj)
+        emit("debug", "loopwatch.not_patched", pool=self._state.name,
+             reason=f"{kind.__module__}.{kind.__qualname__}.{name} is not {library}'s own: acquires through "
+                    f"it are not timed")
+        return False
+
     def _wrap_acquire(self, obj: Any, name: str) -> None:
+        if not self._library_method(obj, name):
+            return
         original, state, pools = getattr(obj, name), self._state, self._pools
-        if asyncio.iscoroutinefunction(original):
+        if inspect.iscoroutinefunction(original):
             async def acquire_async(*args: Any, **kwargs: Any) -> Any:
                 started = pools.acquiring(state)
                 try:
@@ -286,8 +312,10 @@ class Adapter:
             self._set(obj, name, functools.update_wrapper(acquire, original))
 
     def _wrap_release(self, obj: Any, name: str) -> None:
+        if not self._library_method(obj, name):
+            return
         original, state, pools = getattr(obj, name), self._state, self._pools
-        if asyncio.iscoroutinefunction(original):
+        if inspect.iscoroutinefunction(original):
             async def release_async(connection: Any, *args: Any, **kwargs: Any) -> Any:
                 pools.released(state, connection)
                 return await original(connection, *args, **kwargs)
@@ -306,9 +334,7 @@ class PsycopgPool(Adapter):
 
     def __init__(self, pool: Any, state: PoolState, pools: Pools) -> None:
         super().__init__(pool, state, pools)
-        import psycopg_pool
-
-        self.timeout_types = (psycopg_pool.PoolTimeout,)
+        self.timeout_types = (_library("psycopg_pool").PoolTimeout,)
 
     def patch(self) -> None:
         pool = self.target()
@@ -335,9 +361,7 @@ class SqlAlchemyPool(Adapter):
         if _is(engine, "sqlalchemy", "Engine"):
             self._engine_ref = weakref.ref(engine)
         super().__init__(pool, state, pools)
-        import sqlalchemy.exc
-
-        self.timeout_types = (sqlalchemy.exc.TimeoutError,)
+        self.timeout_types = (_library("sqlalchemy.exc").TimeoutError,)
         self._listening: Any = None
         self._on_dispose: Any = None
 
@@ -355,8 +379,7 @@ class SqlAlchemyPool(Adapter):
         pool = self._pool()
         if pool is None:
             return
-        from sqlalchemy import event
-
+        event = _library("sqlalchemy.event")
         state, pools = self._state, self._pools
 
         def on_checkin(dbapi_connection: Any, record: Any) -> None:
@@ -386,10 +409,8 @@ class SqlAlchemyPool(Adapter):
         engine = self._engine_ref() if self._engine_ref is not None else None
         on_dispose, self._on_dispose = self._on_dispose, None
         if engine is not None and on_dispose is not None:
-            from sqlalchemy import event
-
             try:
-                event.remove(engine, "engine_disposed", on_dispose)
+                _library("sqlalchemy.event").remove(engine, "engine_disposed", on_dispose)
             except Exception:  # noqa: BLE001
                 pass
 
@@ -400,10 +421,8 @@ class SqlAlchemyPool(Adapter):
             self._listening = None
             pool = pool_ref()
             if pool is not None:
-                from sqlalchemy import event
-
                 try:
-                    event.remove(pool, "checkin", on_checkin)
+                    _library("sqlalchemy.event").remove(pool, "checkin", on_checkin)
                 except Exception:  # noqa: BLE001 - already gone with the pool
                     pass
 
@@ -434,9 +453,7 @@ class RedisPool(Adapter):
 
     def __init__(self, pool: Any, state: PoolState, pools: Pools) -> None:
         super().__init__(pool, state, pools)
-        import redis.exceptions
-
-        self._connection_error = redis.exceptions.ConnectionError
+        self._connection_error = _library("redis.exceptions").ConnectionError
 
     @staticmethod
     def target_of(pool: Any) -> Any:
@@ -541,9 +558,7 @@ class AsyncpgPool(Adapter):
 
 
 def _patch_asyncpg_class() -> None:
-    import asyncpg.pool
-
-    cls = asyncpg.pool.Pool
+    cls = _library("asyncpg.pool").Pool
     original_acquire, original_release = cls._acquire, cls.release
     original_close, original_terminate = cls.close, cls.terminate
 

@@ -9,12 +9,50 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import threading
+import sys
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from . import _unpatched as _os
+
+CLOCK_TOLERANCE = 0.25  # seconds: a loop clock this far from time.monotonic() is not the real clock
+_monotonic = time.monotonic
+_real_time_functions = (asyncio.BaseEventLoop.time,)
+
+
+def _real_time_method(loop: asyncio.AbstractEventLoop) -> bool:
+    """True when ``loop.time`` is asyncio's or uvloop's own method, not replaced on the instance."""
+    method = loop.time
+    if getattr(method, "__self__", None) is not loop:  # a function or a Mock set on the instance
+        return False
+    function = getattr(method, "__func__", None)
+    if function is not None:
+        return function in _real_time_functions
+    uvloop = sys.modules.get("uvloop")  # a C method: uvloop's, if the class takes it from uvloop.Loop
+    return uvloop is not None and getattr(type(loop), "time", None) is getattr(uvloop.Loop, "time", None)
+
+
+def virtual_clock(loop: asyncio.AbstractEventLoop) -> str | None:
+    """Why ``loop``'s ``time()`` is not the real monotonic clock (a test loop that fast-forwards time),
+    or ``None`` when it is.  Called in the loop's thread: when it starts running, and at each beat.
+
+    asyncio's and uvloop's own ``time`` are recognised without calling them; any other ``time()`` (a
+    subclass's, one patched on the instance) is read and compared with ``time.monotonic()``.
+    """
+    try:
+        if _real_time_method(loop):
+            return None
+        value = loop.time()
+        now = _monotonic()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value - now) <= CLOCK_TOLERANCE:
+            return None
+        return (f"its clock is not the monotonic clock: {type(loop).__qualname__}.time() reads {value!r}, "
+                f"time.monotonic() {now:.3f}")
+    except Exception as exc:  # noqa: BLE001 - a loop we cannot read the clock of is left alone too
+        return f"its clock cannot be read: {type(loop).__qualname__}.time() raised {exc!r}"
 
 
 @dataclass(frozen=True)
@@ -33,20 +71,22 @@ class LoopProbe:
                  late_threshold: float, observe: Callable[[str, float], None],
                  on_beat: Callable[[], None] | None = None, on_error: Callable[[BaseException], None],
                  on_collected: Callable[[LoopProbe], None] | None = None,
+                 on_virtual_clock: Callable[[LoopProbe, str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         # A weak reference: watching a loop never keeps it alive, and a loop that is closed and dropped
         # (the end of asyncio.run) is forgotten at once, without the watchdog having to wake up.
         self._loop_ref = weakref.ref(loop, None if on_collected is None else (lambda _: on_collected(self)))
         self.label = label
         self.interval = interval
-        self.thread_ident = threading.get_ident()
-        self.thread_name = threading.current_thread().name
-        self.native_id = threading.get_native_id()
+        self.thread_ident = _os.get_ident()
+        self.thread_name = _os.current_thread().name
+        self.native_id = _os.get_native_id()
         self._late_threshold = late_threshold
         self._observe = observe
         self.on_beat = on_beat
         self.on_scheduled: Callable[[], None] | None = None  # set by the agent: re-arms the watchdog's timer
         self._on_error = on_error
+        self._on_virtual_clock = on_virtual_clock
         self._clock = clock
         self._handle: asyncio.TimerHandle | None = None
         self._cpu_at_beat = time.thread_time()
@@ -110,7 +150,7 @@ class LoopProbe:
         if handle is None:
             return
         loop = self.loop
-        if threading.get_ident() == self.thread_ident:
+        if _os.get_ident() == self.thread_ident:
             handle.cancel()
         elif loop is not None and not loop.is_closed():
             try:
@@ -139,6 +179,15 @@ class LoopProbe:
             now = self._clock()
             key = self.expected_at
             delay = now - key
+            if self._on_virtual_clock is not None:
+                loop = self.loop
+                virtual = virtual_clock(loop) if loop is not None else None
+                if virtual is not None:
+                    # Its time() was replaced while it ran (a test that fast-forwards it): leave it alone,
+                    # or our timer becomes the next event such a loop jumps to.
+                    self.stopped = True
+                    self._on_virtual_clock(self, virtual)
+                    return
             if delay < 0.0:
                 delay = 0.0
             cpu = time.thread_time()

@@ -26,6 +26,7 @@ import asyncio
 import asyncio.events as _events
 import functools
 import math
+import selectors
 import threading
 import time
 import types
@@ -40,6 +41,13 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from ._cputime import ThreadClock
 from ._labels import TopN
 
+# The selectors whose select() loopwatch wraps: the standard library's.  Anything else (a Mock, a test
+# double, a subclass with its own select) is left untouched.
+KNOWN_SELECTS = frozenset(
+    function for function in (getattr(getattr(selectors, name, None), "select", None)
+                              for name in ("SelectSelector", "PollSelector", "EpollSelector",
+                                           "DevpollSelector", "KqueueSelector"))
+    if function is not None)
 EXACT_WINDOW = 60.0  # seconds of exact timing after an unattributed slow iteration
 UNATTRIBUTED = "unattributed"
 _LOG_EVERY = 1.0  # at most one loopwatch.slow_callback event per callback label per second
@@ -212,13 +220,23 @@ class IterationTimer:
         self._last_busy = 0.0  # what busy_now() last returned: the counter never goes back
         self._paused = False  # the loop is not running (between run_until_complete calls)
         self.saw_exact_slow = False
+        self.not_wrapped: str | None = None  # why install() left a Python selector alone
 
     def install(self) -> bool:
-        """Wrap the selector; False (nothing changed) where the loop has no Python selector."""
+        """Wrap the selector; False (nothing changed) where the loop has no Python selector, or one of
+        a class loopwatch does not know (``not_wrapped`` says which)."""
         loop = self._loop_ref()
         selector = getattr(loop, "_selector", None)
+        if selector is None:
+            return False
+        if getattr(type(selector), "select", None) not in KNOWN_SELECTS:
+            kind = type(selector)
+            self.not_wrapped = (f"the loop's selector is a {kind.__module__}.{kind.__qualname__}, not one of the "
+                                f"standard library's: its select() is left alone")
+            return False
         original = getattr(selector, "select", None)
-        if selector is None or not callable(original):
+        if getattr(original, "__self__", None) is not selector:  # replaced on the instance: someone else's
+            self.not_wrapped = "the loop's selector.select was already replaced on the instance: left alone"
             return False
         select, read, restart = self._make_select(original)
         try:

@@ -7,9 +7,10 @@ while still pending, and the depth of the asyncio queues the application asks us
   is left out of that scrape and ``errors_total{component="collector"}`` is counted.
 * **Exceptions** are seen by chaining each watched loop's exception handler: when a probe attaches, the
   loop *instance* gets its own ``call_exception_handler`` attribute (a :class:`_ChainedHandler`) that
-  counts the event and then calls what was there before -- the class's method, which runs the handler
-  the application set with ``loop.set_exception_handler`` (before or after us: it is looked up at call
-  time), or the default handler that logs.  Every caller goes through that attribute: asyncio's
+  counts the event and then calls the class's method, which runs the handler the application set with
+  ``loop.set_exception_handler`` (before or after us: it is looked up at call time), or the default
+  handler that logs.  Only a loop whose class takes that method from asyncio or uvloop, and whose
+  instance does not have its own already (a test's ``Mock``, another library's wrapper), is chained.  Every caller goes through that attribute: asyncio's
   ``Handle._run`` and transports (``self._loop.call_exception_handler``), the C ``_asyncio`` finalizers of
   futures and tasks ("exception was never retrieved", "Task was destroyed but it is pending!": a method
   call by name), and uvloop's Cython loop (attribute lookups on ``self``/``self.loop``).  The wrapper
@@ -34,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from ._errors import ConfigError, check_watch_name
 from ._hooks import instance_attribute
 from ._labels import TopN
+from ._log import emit
 
 if TYPE_CHECKING:
     from ._agent import Agent
@@ -56,23 +58,18 @@ def qualified_name(kind: type[BaseException]) -> str:
 
 
 class _ChainedHandler:
-    """A loop instance's ``call_exception_handler``: count, then call what was there before."""
+    """A loop instance's ``call_exception_handler``: count, then call the loop class's own method."""
 
-    __slots__ = ("_loop_ref", "_count", "previous", "active")
+    __slots__ = ("_loop_ref", "_count", "active")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: Callable[[Any], None],
-                 previous: Callable[[dict[str, Any]], Any] | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: Callable[[Any], None]) -> None:
         self._loop_ref = weakref.ref(loop)
         self._count = count
-        self.previous = previous  # an instance attribute someone set before us, else None (the method)
         self.active = True
 
     def __call__(self, context: dict[str, Any]) -> Any:
         if self.active:
             self._count(context)  # never raises
-        previous = self.previous
-        if previous is not None:
-            return previous(context)
         loop = self._loop_ref()
         if loop is None:  # pragma: no cover - the caller holds the loop
             return None
@@ -113,9 +110,13 @@ class TaskHealth:
         loop = probe.loop
         if loop is None or probe in self._handlers:
             return
+        if instance_attribute(loop, "call_exception_handler") is not None:  # replaced on this loop by someone else (a test's Mock, a library): theirs
+            emit("debug", "loopwatch.not_patched", loop=probe.label,
+                 reason="the loop's call_exception_handler was already replaced on the instance: left alone, "
+                        "exceptions of this loop are not counted")
+            return
         try:
-            previous = instance_attribute(loop, "call_exception_handler")
-            handler = _ChainedHandler(loop, self._count, previous)
+            handler = _ChainedHandler(loop, self._count)
             loop.call_exception_handler = handler  # type: ignore[method-assign]
             if loop.call_exception_handler is not handler:
                 raise AttributeError("the assignment did not take")
@@ -256,10 +257,7 @@ def _unchain(handler: _ChainedHandler) -> None:
         return
     try:
         if loop.call_exception_handler is handler:
-            if handler.previous is not None:
-                loop.call_exception_handler = handler.previous  # type: ignore[method-assign]
-            else:
-                del loop.call_exception_handler
+            del loop.call_exception_handler
     except (TypeError, AttributeError):  # pragma: no cover - changed under us: ours stays a pass-through
         pass
 

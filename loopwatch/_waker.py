@@ -18,9 +18,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import select
 import sys
+import time
 from collections.abc import Callable
+
+from . import _unpatched as _os
 
 _IN_MODIFY = 0x00000002
 
@@ -69,9 +71,9 @@ class Waker:
     """The watchdog's sleep: a poke pipe, plus the beat timer and the in-flight file watch where available."""
 
     def __init__(self) -> None:
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
+        self._read, self._write = _os.pipe()
+        _os.set_blocking(self._read, False)
+        _os.set_blocking(self._write, False)
         self._inotify: int | None = None
         self._timer: int | None = None
         self._settime: Callable[..., int] | None = None
@@ -90,15 +92,12 @@ class Waker:
         create, settime = functions
         fd = create(CLOCK_MONOTONIC, os.O_CLOEXEC | os.O_NONBLOCK)
         if fd < 0:
-            return f"timerfd_create failed: {os.strerror(ctypes.get_errno())}"
+            return f"timerfd_create failed: {_os.strerror(ctypes.get_errno())}"
         self._timer, self._settime = fd, settime
-        import time
-
         if not self.arm_at(time.monotonic() + 0.001):
             self._close_timer()
             return "timerfd_settime failed"
-        readable, _, _ = select.select([fd], [], [], timeout)
-        if not readable:
+        if not _readable([fd], timeout):
             self._close_timer()
             return "the timerfd did not fire"
         _drain(fd)
@@ -120,7 +119,7 @@ class Waker:
         fd, self._timer, self._settime = self._timer, None, None
         if fd is not None:
             try:
-                os.close(fd)
+                _os.close(fd)
             except OSError:
                 pass
 
@@ -132,15 +131,14 @@ class Waker:
             return "inotify is not available on this platform"
         fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
         if fd < 0:
-            return f"inotify_init1 failed: {os.strerror(ctypes.get_errno())}"
+            return f"inotify_init1 failed: {_os.strerror(ctypes.get_errno())}"
         if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
-            error = os.strerror(ctypes.get_errno())
-            os.close(fd)
+            error = _os.strerror(ctypes.get_errno())
+            _os.close(fd)
             return f"inotify_add_watch failed: {error}"
         touch()  # self-test: a write must make the descriptor readable
-        readable, _, _ = select.select([fd], [], [], timeout)
-        if not readable:
-            os.close(fd)
+        if not _readable([fd], timeout):
+            _os.close(fd)
             return "inotify did not report a write to the in-flight file"
         _drain(fd)
         self._inotify = fd
@@ -148,19 +146,19 @@ class Waker:
 
     def unwatch(self) -> None:
         if self._inotify is not None:
-            os.close(self._inotify)
+            _os.close(self._inotify)
             self._inotify = None
 
     def poke(self) -> None:
         try:
-            os.write(self._write, b"\0")
+            _os.write(self._write, b"\0")
         except (BlockingIOError, OSError):
             pass  # already poked (pipe full) or closed
 
     def wait(self, timeout: float) -> str:
         """``"timeout"``, ``"poke"``, ``"file"`` (faulthandler wrote) or ``"timer"`` (a beat is late)."""
         fds = [fd for fd in (self._read, self._inotify, self._timer) if fd is not None]
-        readable, _, _ = select.select(fds, [], [], max(0.0, timeout))
+        readable = _readable(fds, timeout)
         if not readable:
             return "timeout"
         woke = ("poke" if self._read in readable else "file" if self._inotify in readable else "timer")
@@ -173,14 +171,27 @@ class Waker:
         self._close_timer()
         for fd in (self._read, self._write):
             try:
-                os.close(fd)
+                _os.close(fd)
             except OSError:
                 pass
 
 
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    """The descriptors of ``fds`` that are readable within ``timeout`` seconds.  ``poll``, not ``select``:
+    a process with many sockets open gives loopwatch descriptors above ``select``'s limit of 1024."""
+    poller = _os.poll()
+    for fd in fds:
+        poller.register(fd, _os.POLLIN)
+    try:
+        events = poller.poll(max(0, int(timeout * 1000 + 0.999)))  # ms, rounded up: never wake early
+    except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
+        return []
+    return [fd for fd, _ in events]
+
+
 def _drain(fd: int) -> None:
     try:
-        while os.read(fd, 4096):
+        while _os.read(fd, 4096):
             pass
     except (BlockingIOError, OSError):
         pass

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _frames
+from . import _unpatched as _os
 from ._cputime import CPU_KIND_RATIO, ThreadClock, ThreadSample, classify
-from ._log import emit, logger
+from ._log import emit
 from ._native import FIRE_AT, NativeWatch
 from ._probe import Beat, LoopProbe
 from ._slow import UNATTRIBUTED, SlowCallback, describe_task, label_from_stack, running_task
@@ -106,16 +107,19 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
         self._thread.start()
 
-    def poke(self) -> None:
-        """Look now (a loop was attached or resumed): its deadline may be earlier than the planned one."""
-        if self.waker is not None:
+    def poke(self, *, always: bool = False) -> None:
+        """Look now (a loop was attached or resumed): its deadline may be earlier than the planned one.
+
+        With the beats' timer there is nothing to do: the probe's first beat re-armed it (waking a thread
+        here would make the loop thread wait for the GIL just as it starts running), unless ``always``."""
+        if self.waker is not None and (always or not self.waker.timed):
             self.waker.poke()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
-        self.poke()
+        self.poke(always=True)
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread is not _os.current_thread():
             thread.join(timeout)
         self._thread = None
         if self.waker is not None:
@@ -142,7 +146,12 @@ class Watchdog:
             waker = self.waker
             if waker is None:
                 return
-            woke = waker.wait(wait)
+            try:
+                woke = waker.wait(wait)
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any error (counted)
+                self._agent.guard.report("watchdog", exc)
+                _os.sleep(min(wait, 1.0))
+                woke = "timeout"
             if self._stopping:
                 return
             now = self._clock()
@@ -160,7 +169,9 @@ class Watchdog:
             last = now
             with self._agent.guard("watchdog"):
                 self.tick(now, starving=starving)
-            wait = self.next_wait(now)
+            wait = interval
+            with self._agent.guard("watchdog"):
+                wait = self.next_wait(now)
 
     def _fired_long_ago(self, margin: float) -> bool:
         native = self._agent.native
@@ -283,7 +294,7 @@ class Watchdog:
         tasks = _frames.task_stacks(loop) if writer.enabled and loop is not None else []
         if probe.expected_at != stall.key or not probe.running:
             stall.note = "stack discarded: the stall ended while it was being taken"
-            logger.debug("loopwatch.capture_discarded", loop=probe.label)
+            emit("debug", "loopwatch.capture_discarded", loop=probe.label)
             return
         stall.culprit, stall.source = _frames.culprit_of(loop_stack), "watchdog"
         with self._agent.guard("watchdog"):
@@ -299,7 +310,7 @@ class Watchdog:
             stall.note = f"no dump: another was written less than dump_cooldown={writer.cooldown}s ago"
             return
         if state.sampled_key != stall.key or len(state.samples) < 2:
-            time.sleep(MIN_KIND_WINDOW)  # first look at this stall: a short window inside it
+            _os.sleep(MIN_KIND_WINDOW)  # first look at this stall: a short window inside it
             state.sample_stall(stall.key, self._clock())
         kind, cpu = state.kind(stall.key)
         dump = self._agent.build_dump(

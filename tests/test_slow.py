@@ -6,12 +6,15 @@ import asyncio
 import functools
 import math
 import re
+import selectors
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import APPS, free_port, sample, scrape
 
+import loopwatch
 from loopwatch import _slow
 from loopwatch._labels import OTHER, TopN
 from loopwatch._slow import SlowCallback, SlowCallbacks, describe_callback
@@ -187,8 +190,45 @@ def iteration_timer(clock: Clock, threshold: float = 0.1, named=None):
     loop = FakeLoop(clock)
     timer = _slow.IterationTimer(loop, "main", slow, exact_always=False, stall_label=lambda: named,
                                  clock=clock)
-    assert timer.install()
+    with mock.patch.object(_slow, "KNOWN_SELECTS", _slow.KNOWN_SELECTS | {FakeSelector.select}):
+        assert timer.install()  # a test double: recognised only because this test says so
     return loop, timer, recorded
+
+
+@pytest.mark.parametrize("selector", ["mock", "subclass", "double"])
+def test_iteration_timer_leaves_selectors_it_does_not_know_alone(selector: str) -> None:
+    class OwnSelect(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
+        def select(self, timeout=None):  # noqa: ANN001, ANN202
+            return super().select(timeout)
+
+    clock = Clock()
+    loop = FakeLoop(clock)
+    loop._selector = {"mock": mock.Mock(), "subclass": OwnSelect(), "double": FakeSelector(clock)}[selector]
+    before = loop._selector.select
+    slow = SlowCallbacks(0.1, observe=lambda loop, d: None, log=lambda e: None, clock=clock)
+    timer = _slow.IterationTimer(loop, "main", slow, exact_always=False, stall_label=lambda: None, clock=clock)
+    assert not timer.install()
+    assert loop._selector.select == before  # untouched
+    assert "select() is left alone" in (timer.not_wrapped or "")
+    if selector == "mock":
+        loop._selector.select(0)
+        loop._selector.select.assert_called_once_with(0)  # what CPython's test_run_forever_pre_stopped checks
+
+
+def test_a_loop_with_a_mock_selector_runs_with_loopwatch_installed(registry, tmp_path: Path) -> None:
+    loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path)
+    loop = asyncio.new_event_loop()
+    try:
+        loop._selector.close()  # type: ignore[attr-defined]
+        loop._selector = mock.Mock()  # type: ignore[attr-defined]
+        loop._selector.select.return_value = ()
+        loop._process_events = mock.Mock()  # type: ignore[method-assign]
+        loop.stop()
+        loop.run_forever()
+        loop._selector.select.assert_called_once_with(0)  # type: ignore[attr-defined]
+    finally:
+        loop._selector = selectors.DefaultSelector()  # type: ignore[attr-defined]
+        loop.close()
 
 
 def run_iteration(loop: FakeLoop, clock: Clock, busy: float, idle: float, timeout: float | None) -> None:

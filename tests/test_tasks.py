@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 import uvloop
 from conftest import collected, free_port, sample, scrape, wait_for
 
@@ -252,31 +253,36 @@ def test_uninstall_gives_the_loop_its_own_method_back(registry, tmp_path, impl):
     assert [str(c["exception"]) for c in seen] == ["after uninstall"]
 
 
-def test_an_attribute_set_before_install_is_chained_and_restored(registry, tmp_path):
+def test_an_attribute_set_before_install_is_left_alone(registry, tmp_path):
     async def main():
         loop = asyncio.get_running_loop()
         reported: list[dict] = []
 
-        def report_then_handle(context):  # e.g. an error tracker that patched the instance first
+        def report_then_handle(context):  # e.g. an error tracker (or a test's Mock) that patched the instance
             reported.append(context)
             return type(loop).call_exception_handler(loop, context)
 
         handled: list[dict] = []
         loop.set_exception_handler(lambda _loop, context: handled.append(context))
         loop.call_exception_handler = report_then_handle
-        install(registry, tmp_path)
+        with capture_logs() as logs:
+            install(registry, tmp_path)
+        untouched = vars(loop)["call_exception_handler"] is report_then_handle
         loop.call_soon(raiser(ValueError("x")))
         await asyncio.sleep(0.01)
         samples = await scrape_from_another_thread(registry)
         loopwatch.uninstall()
         kept = vars(loop)["call_exception_handler"] is report_then_handle
         del loop.call_exception_handler
-        return reported, handled, samples, kept
+        return reported, handled, samples, untouched, kept, logs
 
-    reported, handled, samples, kept = asyncio.run(main())
+    reported, handled, samples, untouched, kept, logs = asyncio.run(main())
     assert len(reported) == len(handled) == 1
-    assert exceptions(samples) == {"ValueError": 1.0}
-    assert kept
+    assert untouched and kept  # not wrapped: theirs is what the loop calls, and stays
+    assert exceptions(samples) == {}  # so this loop's exceptions are not counted, and a debug note says so
+    notes = [e for e in logs if e["event"] == "loopwatch.not_patched"]
+    assert [e["log_level"] for e in notes] == ["debug"]
+    assert "call_exception_handler was already replaced on the instance" in notes[0]["reason"]
 
 
 def test_a_wrapper_set_over_ours_keeps_working_after_uninstall(registry, tmp_path):
@@ -298,7 +304,7 @@ def test_a_wrapper_set_over_ours_keeps_working_after_uninstall(registry, tmp_pat
         first = exceptions(await scrape_from_another_thread(registry))
         loopwatch.uninstall()
         still_theirs = vars(loop)["call_exception_handler"] is theirs
-        # installed again: chained over theirs; the old wrapper passes through without counting
+        # installed again: theirs is on the instance now, so it is left alone; the old wrapper passes through
         install(registry, tmp_path)
         loop.call_soon(raiser(ValueError("two")))
         await asyncio.sleep(0.01)
@@ -311,7 +317,7 @@ def test_a_wrapper_set_over_ours_keeps_working_after_uninstall(registry, tmp_pat
     assert handled == wrapped == ["one", "two"]
     assert first == {"ValueError": 1.0}
     assert still_theirs
-    assert second == {"ValueError": 1.0}  # the new agent counts once: the old wrapper is inert
+    assert second == {}  # not chained over theirs, and the old wrapper is inert: nothing counted twice
 
 
 def test_closed_loop_is_unchained_and_a_dropped_loop_is_freed_at_once(registry, tmp_path):

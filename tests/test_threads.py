@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import re
+import threading
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -156,29 +157,46 @@ def test_queue_wait_is_timed_with_the_injected_clock_and_logged_past_the_thresho
     errors = []
     executors = Executors(_metrics(), threshold=1.0, clock=lambda: now[0], on_error=errors.append)
     ran = []
-
-    class Inline(cf.ThreadPoolExecutor):
-        """Runs the work when the test says so: submit -> start is under the test's control."""
-
-        def __init__(self) -> None:
-            super().__init__(1)
-            self.queued = []
-
-        def submit(self, fn, /, *args, **kwargs):
-            self.queued.append((fn, args))
-
-    pool = Inline()
+    pool = cf.ThreadPoolExecutor(1)
     executors.watch(pool, "inline")
-    pool.submit(ran.append, "a")
+    gate = threading.Event()
+    busy = pool.submit(gate.wait, 10)  # the one worker is busy: the next item waits in the queue
+    queued = pool.submit(ran.append, "a")  # submitted at 0.0 on the test's clock
     now[0] = 2.5
-    fn, args = pool.queued.pop()
-    fn(*args)
+    gate.set()
+    busy.result(10)
+    queued.result(10)
     assert ran == ["a"] and errors == []
     samples = _samples(executors.collect())
     assert sample(samples, "t_to_thread_executor_queue_wait_seconds_sum", executor="inline") == 2.5
     assert sample(samples, "t_to_thread_executor_max_workers", executor="inline") == 1.0
     executors.stop()
     assert "submit" not in vars(pool)  # the instance attribute is gone: the class's method is back
+    pool.shutdown()
+
+
+def test_an_executor_whose_class_has_its_own_submit_is_not_patched_but_its_gauges_are_read() -> None:
+    class Recording(cf.ThreadPoolExecutor):
+        def __init__(self) -> None:
+            super().__init__(3)
+            self.calls: list[object] = []
+
+        def submit(self, fn, /, *args, **kwargs):
+            self.calls.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    errors = []
+    executors = Executors(_metrics(), threshold=1.0, on_error=errors.append)
+    pool = Recording()
+    executors.watch(pool, "own")
+    assert "submit" not in vars(pool)  # left alone: the subclass's method runs untouched
+    pool.submit(len, "abc").result(10)
+    assert pool.calls == [len]  # its own submit saw the caller's function, not a loopwatch shim
+    samples = _samples(executors.collect())
+    assert sample(samples, "t_to_thread_executor_max_workers", executor="own") == 3.0
+    assert sample(samples, "t_to_thread_executor_queue_wait_seconds_count", executor="own") == 0.0
+    assert errors == []
+    executors.stop()
     pool.shutdown()
 
 

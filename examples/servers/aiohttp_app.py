@@ -11,12 +11,16 @@ set ``LOOPWATCH_METRICS_PORT`` to a range: each process binds the first free por
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 
 from aiohttp import web
 
 import loopwatch
+
+# The server logs with the standard logging module: loopwatch's events (logger "loopwatch") show there.
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 AGENT = web.AppKey("loopwatch", loopwatch.Agent)
 

@@ -13,6 +13,7 @@ Prometheus target.  Other options come from ``LOOPWATCH_*`` too (``LOOPWATCH_DUM
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,9 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 import loopwatch
+
+# The server logs with the standard logging module: loopwatch's events (logger "loopwatch") show there.
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 os.environ.setdefault("LOOPWATCH_METRICS_PORT", "9320-9329")  # one port per worker
 

@@ -12,11 +12,15 @@ and workers").  Installing in the lifespan (``fastapi_app.py``) instead leaves t
 
 from __future__ import annotations
 
+import logging
 import os
 
 from fastapi import FastAPI
 
 import loopwatch
+
+# The server logs with the standard logging module: loopwatch's events (logger "loopwatch") show there.
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 os.environ.setdefault("LOOPWATCH_METRICS_PORT", "9320-9329")
 loopwatch.install(service="preload-example")  # at import: in gunicorn's master with --preload
