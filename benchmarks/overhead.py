@@ -69,7 +69,7 @@ TARGET_HTTP_COST = 0.01  # HTTP service under load: defaults cost <= 1% of reque
 # selector wrapper stays active: it is what figures 2 and 4 measure.
 CALLGRIND_PARKED: dict[str, Any] = {"probe_interval": 60, "faulthandler": False, "slow_callback_threshold": 5.0,
                                     "gil_probe_interval": 60}
-HOOK_VARIANTS = ("none", "auto", "exact", "debug")
+HOOK_VARIANTS = ("none", "auto", "auto-py", "exact", "debug")  # auto-py: without the C accelerator
 HOOK_SHAPES = (1, 20)  # concurrent call_soon chains = callbacks per loop iteration
 MARKER = "getsid"  # callgrind --dump-before=getsid: os.getsid(0) separates the measured segments
 
@@ -131,8 +131,8 @@ def _loopwatch_state(agent: Any, loop: asyncio.AbstractEventLoop) -> dict[str, A
     except ImportError:
         return state
     select_method = getattr(getattr(loop, "_selector", None), "select", None)
-    state["selector_wrapped"] = (isinstance(getattr(select_method, "__self__", None), _slow.IterationTimer)
-                                 or "IterationTimer._make_select" in getattr(select_method, "__qualname__", ""))
+    state["selector_wrapped"] = (type(select_method).__name__ == "SelectClock"  # the C accelerator's
+                                 or "PySelectClock" in getattr(select_method, "__qualname__", ""))
     state["exact_on"] = events.Handle.__dict__.get("_run") is not _slow._original_run
     try:
         state["slow_callbacks"] = sum(value for counts in agent.slow.counts.values() for _, value in counts.items())
@@ -230,12 +230,14 @@ async def call_soon_chains(chains: int, callbacks: int) -> int:
 
 def _hook_variant(variant: str, dump_dir: str, under_valgrind: bool) -> Any:
     """Set up figure 4's variant in the running loop; the agent for loopwatch variants."""
-    if variant in ("auto", "exact"):
+    if variant in ("auto", "auto-py", "exact"):
         options: dict[str, Any] = {"metrics_port": 0, "dump_dir": dump_dir}
         if under_valgrind:
             options.update(CALLGRIND_PARKED)
         if variant == "exact":
             options["slow_callback_mode"] = "exact"
+        if variant == "auto-py":
+            options["accelerator"] = False
         return _install(**options)  # no exporter: this figure is about the per-callback hooks
     if variant == "debug":
         loop = asyncio.get_running_loop()
@@ -702,7 +704,7 @@ def _hooks_callgrind_run(variant: str, cfg: dict[str, Any], dump_dir: Path, work
            f"--callgrind-out-file={out_dir}/callgrind.out.%p", *_worker_cmd("hooks", False, dump_dir, **params)]
     what = f"callgrind hooks {variant}"
     result = _parse_result(_run(cmd, what, 600, env=_child_env(PYTHONHASHSEED="0")), what)
-    if variant in ("auto", "exact"):
+    if variant in ("auto", "auto-py", "exact"):
         _check_parked_state(result.get("state"), what, exact=variant == "exact")
     dumps: dict[int, int] = {}
     for path in out_dir.iterdir():
@@ -1194,6 +1196,7 @@ def _parked_text() -> str:
 
 
 _VARIANT_LABELS = {"none": "no loopwatch", "auto": "loopwatch defaults (auto)",
+                   "auto-py": "defaults, pure Python (no C)",
                    "exact": 'slow_callback_mode="exact"', "debug": "asyncio debug mode"}
 
 
@@ -1232,7 +1235,8 @@ def _render_hooks(hooks: Any, add: Any) -> None:
     wall = hooks.get("wall")
     if isinstance(wall, dict):
         add(f"   wall clock, ns/callback: {w['callbacks']:,} callbacks/round (debug mode: 1/{w['debug_divisor']}), "
-            f"median of {w['rounds']} rounds per run; {len(wall['sets'])} sets of 4 fresh processes, order rotated;")
+            f"median of {w['rounds']} rounds per run; {len(wall['sets'])} sets of {len(HOOK_VARIANTS)} fresh processes, "
+            f"order rotated;")
         add("   no loopwatch: median [min..max]; others: extra ns per callback vs. the same set's run, median [IQR]")
         add(head)
         for variant in HOOK_VARIANTS:

@@ -91,6 +91,15 @@ async def run_phase(bot: TradingBot, url: str, dump_dir: Path) -> Phase:
     return phase
 
 
+STALLS: list[dict] = []  # the loopwatch.stall events, as logged
+
+
+def keep_stalls(logger: object, method: str, event: dict) -> dict:
+    if event.get("event") == "loopwatch.stall":
+        STALLS.append(dict(event))
+    return event
+
+
 # -- report -------------------------------------------------------------------------------------------
 def show_path(path: str) -> str:
     rel = os.path.relpath(path)
@@ -114,6 +123,9 @@ def report_stall(phase: Phase) -> tuple[int, dict | None]:
     """Print what loopwatch saw of the blocking call; (exit status, the dump's culprit)."""
     spikes = "  ".join(f'threshold="{t}" +{n:g}' for t, n in phase.spikes.items())
     row("handler", f"blocked the loop for {phase.call_seconds:.2f} s")
+    measured = STALLS[-1]["duration"] if STALLS else None
+    row("loopwatch", "no loopwatch.stall event" if measured is None else
+        f"loopwatch.stall duration={measured:.2f} s (timed from when the call began)")
     row("/metrics", f"answered {phase.scrapes_during_call} scrapes mid-stall; "
                     f"event_loop_lag_seconds rose to {phase.lag_during_call:.2f} s")
     row("ticker", f"missed {ticks(phase.missed_ticks)} (it should tick every 100 ms)")
@@ -135,6 +147,8 @@ def report_stall(phase: Phase) -> tuple[int, dict | None]:
                     f"scrape errors: {phase.scrape_errors or 'none'})"), None
     if phase.spikes[str(THRESHOLDS[0])] < 1:
         return fail("event_loop_lag_spikes_total did not count the stall"), None
+    if measured is None or abs(measured - phase.call_seconds) > 0.05:
+        return fail(f"loopwatch.stall measured {measured} s for a {phase.call_seconds:.2f} s blocking call"), None
     named = (str(culprit.get("filename")).endswith("xai_integration.py")
              and "query_xai" in str(culprit.get("function")))
     if not named:
@@ -190,7 +204,9 @@ def main() -> int:
                         help="where loopwatch writes its dumps (default: a new temp dir)")
     args = parser.parse_args()
     args.dump_dir = args.dump_dir or Path(tempfile.mkdtemp(prefix="loopwatch-demo-"))
-    structlog.configure()  # the bot logs with structlog (its defaults: the console); loopwatch's events go there too
+    # The bot logs with structlog (its defaults: the console); loopwatch's events go there too, and the
+    # demo keeps the loopwatch.stall events to report what loopwatch measured.
+    structlog.configure(processors=[keep_stalls, *structlog.get_config()["processors"]])
 
     print("loopwatch demo: a trading bot whose async signal handler makes a slow, synchronous AI API call",
           flush=True)

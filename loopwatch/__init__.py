@@ -58,6 +58,7 @@ def install(
     gil_probe_interval: float | None = None,
     executor_wait_threshold: float | None = None,
     native_stacks: bool | None = None,
+    accelerator: bool | None = None,
 ) -> Agent:
     """Install the agent (idempotent) and return it.
 

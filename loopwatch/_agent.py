@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -32,15 +33,17 @@ from ._gil import GilContention, GilProbe
 from ._hooks import LoopHooks, known_loop_method
 from ._log import Guard, emit
 from ._metrics import Metrics
-from ._native import INFLIGHT_PREFIX, NativeWatch, parse_header
+from ._gc import GcPasses
+from ._gilheld import FALLBACK_AFTER, INFLIGHT_PREFIX, GilHeldStacks, parse_header, split_stacks
+from ._iteration import ACCELERATED, BeatActivity, UvActivity, UvStretches
 from ._pools import Pools
 from ._pyspy import NativeStacks, find_pyspy
 from ._probe import LoopProbe, virtual_clock
 from ._tasks import TaskHealth
 from ._threads import ThreadCpu
-from ._slow import CpuBusy, IterationTimer, SlowCallback, SlowCallbackMetrics, SlowCallbacks
+from ._slow import IterationTimer, SlowCallback, SlowCallbackMetrics, SlowCallbacks
 from ._version import __version__
-from ._watchdog import Watchdog
+from ._watchdog import SAMPLE_AT, Watchdog
 
 MAX_LOOPS = 64
 
@@ -100,12 +103,17 @@ class Agent:
         self._probes: tuple[LoopProbe, ...] = ()
         # Loops not watched because their clock is not real (test loops that fast-forward time).
         self._left_alone: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-        self._native: NativeWatch | None = None
-        self._native_owner: LoopProbe | None = None
+        self.accelerated = options.accelerator and ACCELERATED
+        self._gilheld: GilHeldStacks | None = None  # stacks of stalls that hold the GIL (see _gilheld)
+        self._gilheld_owner: LoopProbe | None = None
+        self.gc = GcPasses(accelerated=self.accelerated)
         self._exporter: Exporter | None = None
-        self._hooks = LoopHooks(self._on_loop_start, self._on_loop_stop,
+        self._hooks = LoopHooks(self._on_loop_start, self._on_loop_stop, self._on_loop_close,
                                 lambda exc: self.guard.report("hooks", exc))
-        self.watchdog = Watchdog(self, clock=clock)
+        self.watchdog = Watchdog(options=options, probes=self.probes, count_spike=self.metrics.count_spike,
+                                 writer=self.writer, guard=self.guard, slow=self.slow, build_dump=self.build_dump,
+                                 write_dump=self.write_dump, detach=self.detach, gilheld=self.gilheld_for,
+                                 gc=self.gc, accelerated=self.accelerated, clock=clock)
         self._degraded: list[str] = []
         self.native_stacks: NativeStacks | None = None
         self._registered = False
@@ -131,15 +139,14 @@ class Agent:
             with self.guard("dump"):
                 self._convert_leftovers()
             if self.options.faulthandler:
-                self._open_native()
+                self._open_gilheld()
         if self.options.metrics_port:
             self._start_exporter()
         self._hooks.install()
         for note in self._hooks.notes:
             self._degrade("hooks", note)
-        self.watchdog.start(self._native)
-        if self.watchdog.timer_note is not None:
-            emit("info", "loopwatch.watchdog_polling", reason=self.watchdog.timer_note)
+        self.gc.install()
+        self.watchdog.start()
         self.gil_probe.start()
         if self.options.native_stacks:
             self._start_native_stacks()
@@ -166,9 +173,10 @@ class Agent:
         self.gil_probe.stop()
         self.watchdog.stop()
         self.watchdog.drain()
+        self.gc.uninstall()
         with self._lock:
             probes, self._probes = self._probes, ()
-            self._native_owner = None
+            self._gilheld_owner = None
         with self.guard("hooks"):
             self.task_health.stop()
         with self.guard("executor"):
@@ -180,10 +188,10 @@ class Agent:
                 probe.stop()
                 if probe.activity is not None:
                     probe.activity.uninstall()
-        if self._native is not None:
+        if self._gilheld is not None:
             with self.guard("faulthandler"):
-                self._native.close()
-            self._native = None
+                self._gilheld.close()
+            self._gilheld = None
         if self._exporter is not None:
             with self.guard("exporter"):
                 self._exporter.close()
@@ -230,18 +238,20 @@ class Agent:
             return
         self._exporter = exporter
 
-    def _open_native(self) -> None:
+    def _open_gilheld(self) -> None:
         try:
             created_ms = int(psutil.Process().create_time() * 1000)
-            native = NativeWatch(self.options.dump_dir, pid=os.getpid(), created_ms=created_ms,
-                                 service=self.options.service, probe_interval=self.options.probe_interval,
-                                 dump_threshold=self.options.dump_threshold)
-            native.open()
-        except (OSError, psutil.Error) as exc:
+            gilheld = GilHeldStacks(self.options.dump_dir, pid=os.getpid(), created_ms=created_ms,
+                                    service=self.options.service)
+            why = gilheld.open()
+        except (OSError, psutil.Error, ValueError, RuntimeError) as exc:
             self.metrics.count_error("faulthandler")
-            self._degrade("faulthandler", f"cannot open the in-flight stack file: {exc}")
+            self._degrade("faulthandler", f"cannot set up stacks of stalls that hold the GIL: {exc}")
             return
-        self._native = native
+        if why is not None:
+            self._degrade("faulthandler", f"stalls that hold the GIL are counted without a stack: {why}")
+            return
+        self._gilheld = gilheld
 
     # -- loops -----------------------------------------------------------------------------------
     def probes(self) -> tuple[LoopProbe, ...]:
@@ -256,7 +266,7 @@ class Agent:
                 if probe.loop is loop:
                     if not probe.running:
                         probe.resume()
-                        self.watchdog.poke()
+                        self._arm_fallback(probe)
                     return probe
             if loop in self._left_alone:
                 return None
@@ -276,17 +286,19 @@ class Agent:
                               clock=self._clock)
             self.metrics.add_loop(probe.label)
             probe.activity = self._activity_for(loop, probe)
-            native = self._native
-            owner = self._native_owner
-            if native is not None and (owner is None or not owner.running or owner.closed):
-                if owner is not None:
-                    owner.on_beat = None
-                self._native_owner = probe
-                native.set_loop_thread(probe.thread_ident)
-                probe.on_beat = native.arm
+            if getattr(probe.activity, "parkable", False):
+                probe.activity.set_park(self.watchdog.park)
+            gilheld = self._gilheld
+            owner = self._gilheld_owner
+            if gilheld is not None and (owner is None or not owner.running or owner.closed):
+                self._gilheld_owner = probe
+                why = gilheld.watch(probe.native_id, probe.thread_ident)
+                if why is not None:
+                    self._gilheld_owner = None
+                    self.guard.report("faulthandler", RuntimeError(why))
             self._probes = (*self._probes, probe)
-            probe.on_scheduled = self._arm_watchdog
         probe.start()
+        self._arm_fallback(probe)
         with self.guard("hooks"):
             if known_loop_method(loop, "call_exception_handler"):
                 self.task_health.attach(probe)
@@ -298,7 +310,6 @@ class Agent:
             elif not self.executors.attach(loop, probe.label):
                 self._degrade("executor", f"cannot wrap {type(loop).__qualname__}.run_in_executor: the default "
                                           f"executor of loop {probe.label!r} is not measured")
-        self.watchdog.poke()
         return probe
 
     def attach_current_loop(self) -> None:
@@ -311,11 +322,12 @@ class Agent:
             return
         self.attach(loop)
 
-    def _arm_watchdog(self) -> None:
-        try:
-            self.watchdog.arm()
-        except Exception as exc:  # noqa: BLE001 - called on the loop thread: never raise into it
-            self.guard.report("watchdog", exc)
+    def _arm_fallback(self, probe: LoopProbe) -> None:
+        """The loop starts running: a stall that holds the GIL before the watchdog's next look (at most
+        ``SAMPLE_AT`` of the threshold away) still gets its stack; the watchdog re-arms it from then on."""
+        if probe is self._gilheld_owner and self._gilheld is not None:
+            with self.guard("faulthandler"):
+                self._gilheld.arm(self._clock() + SAMPLE_AT * self.options.dump_threshold + FALLBACK_AFTER)
 
     def _new_label(self) -> str:
         thread = _os.current_thread()
@@ -343,24 +355,40 @@ class Agent:
         self.metrics.remove_loop(probe.label)
         self.slow_metrics.remove_loop(probe.label)
         self.slow.counts.pop(probe.label, None)
-        if self._native_owner is probe:
-            self._native_owner = None
-            probe.on_beat = None
-            if self._native is not None:
-                self._native.cancel()
+        if self._gilheld_owner is probe:
+            self._gilheld_owner = None
+            if self._gilheld is not None:
+                self._gilheld.watch(None)
 
-    def _activity_for(self, loop: asyncio.AbstractEventLoop, probe: LoopProbe) -> IterationTimer | CpuBusy:
-        """Time the loop's iterations (stdlib), or fall back to the loop thread's CPU time (uvloop)."""
+    def _activity_for(self, loop: asyncio.AbstractEventLoop, probe: LoopProbe) -> Any:
+        """The loop's iteration clock: its selector's (stdlib), libuv's (uvloop, with the accelerator), or
+        the probe's beats where neither can be read (see ``_iteration``)."""
         self.slow_metrics.add_loop(probe.label)
+        slow_on = self.options.slow_callback_mode != "off"
         timer = IterationTimer(loop, probe.label, self.slow,
-                               exact_always=self.options.slow_callback_mode == "exact",
-                               enabled=self.options.slow_callback_mode != "off",
-                               stall_label=probe.take_stall_callback)
+                               exact_always=self.options.slow_callback_mode == "exact", enabled=slow_on,
+                               stall_threshold=self.options.dump_threshold, stall_label=probe.take_stall_callback,
+                               accelerated=self.accelerated)
         if timer.install():
             return timer
         if timer.not_wrapped is not None:
             emit("debug", "loopwatch.not_patched", loop=probe.label, reason=timer.not_wrapped)
-        return CpuBusy(probe.thread_ident, probe.native_id)
+        uvloop = sys.modules.get("uvloop")
+        if uvloop is not None and isinstance(loop, getattr(uvloop, "Loop", ())):
+            if not self.accelerated:
+                self._degrade("uvloop", "the C accelerator is not built (or accelerator=false): uvloop stalls are "
+                                        "timed from the probe's beats, a lower bound short by up to probe_interval")
+            else:
+                threshold = min(self.slow.threshold if slow_on else self.options.dump_threshold,
+                                self.options.dump_threshold)
+                try:
+                    stretches = UvStretches(loop, threshold, probe.native_id)
+                    self._hooks.watch_close(type(loop))
+                    return UvActivity(loop, stretches)
+                except Exception as exc:  # noqa: BLE001 - an uvloop without the pointer or the symbols
+                    self._degrade("uvloop", f"cannot time uvloop's iterations ({exc!r}): stalls are timed from "
+                                            f"the probe's beats, a lower bound short by up to probe_interval")
+        return BeatActivity(probe)
 
     def _log_slow(self, event: SlowCallback) -> None:
         fields = dataclasses.asdict(event)
@@ -407,24 +435,39 @@ class Agent:
         for probe in self._probes:
             if probe.loop is loop:
                 probe.pause()
-                if probe is self._native_owner and self._native is not None:
-                    self._native.cancel()
+                if probe is self._gilheld_owner and self._gilheld is not None:
+                    self._gilheld.disarm()
 
-    @property
-    def native(self) -> NativeWatch | None:
-        return self._native
+    def _on_loop_close(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A uvloop loop is about to close: our libuv handles must be closed first (uvloop's close walks
+        every handle of the loop and takes each for one of its own)."""
+        for probe in self._probes:
+            if probe.loop is loop and probe.activity is not None:
+                probe.activity.uninstall()
 
-    def native_for(self, probe: LoopProbe) -> NativeWatch | None:
-        return self._native if probe is self._native_owner else None
+    def gilheld_for(self, probe: LoopProbe) -> GilHeldStacks | None:
+        return self._gilheld if probe is self._gilheld_owner else None
 
     def _live_lag(self) -> Iterator[tuple[str, float]]:
         try:
             now = self._clock()
-            values = [(p.label, p.lag(now) if p.running else 0.0) for p in self._probes]
+            values = [(p.label, self.lag_of(p, now)) for p in self._probes]
         except Exception as exc:  # noqa: BLE001 - a scrape must never fail because of us
             self.guard.report("collector", exc)
             return iter(())
         return iter(values)
+
+    @staticmethod
+    def lag_of(probe: LoopProbe, now: float) -> float:
+        """How long ``probe``'s loop has been stuck right now: the age of the busy stretch in progress
+        (0 while it waits); on the beat fallback, how overdue its beat is."""
+        if not probe.running:
+            return 0.0
+        activity = probe.activity
+        if activity is None or not activity.exact:
+            return probe.lag(now)
+        since = activity.busy_since(now)
+        return 0.0 if since is None else max(0.0, now - since)
 
     # -- dumps -----------------------------------------------------------------------------------
     def build_dump(self, reason: str, *, loop: str | None, stall_seconds: float | None,
@@ -477,12 +520,13 @@ class Agent:
     def _enrich_natively(self, dump: dict[str, Any], path: Path) -> None:
         """py-spy adds the loop thread's native stack to this mid-stall dump, if the stall lasts."""
         probe = next((p for p in self._probes if p.label == dump.get("loop")), None)
-        if probe is None or self.native_stacks is None:
+        if probe is None or self.native_stacks is None or probe.activity is None:
             return
-        due = probe.expected_at
+        activity = probe.activity
+        since = activity.busy_since(self._clock())
 
         def still_stalled() -> bool:
-            return probe.expected_at == due and probe._clock() > due
+            return since is not None and probe.running and activity.busy_since(self._clock()) == since
 
         with self.guard("native"):
             self.native_stacks.enrich(path, probe.native_id, still_stalled, write=write_private)
@@ -502,7 +546,7 @@ class Agent:
         del frames
         loop = probe.loop if probe is not None else None
         tasks = _frames.task_stacks(loop) if loop is not None and not loop.is_closed() else []
-        lag = max(0.0, self._clock() - probe.expected_at) if probe is not None and probe.running else None
+        lag = self.lag_of(probe, self._clock()) if probe is not None and probe.running else None
         dump = self.build_dump(safe_reason(reason), loop=probe.label if probe else None, stall_seconds=lag,
                                loop_stack=loop_stack, threads=threads, tasks=tasks, source="manual")
         path = self.writer.write(dump)
@@ -511,7 +555,7 @@ class Agent:
 
     def _convert_leftovers(self) -> None:
         """Turn in-flight files left by processes that died mid-stall into ``unfinished_stall`` dumps."""
-        own = self._native.path if self._native is not None else None
+        own = self._gilheld.path if self._gilheld is not None else None
         for path in sorted(self.options.dump_dir.glob(f"{INFLIGHT_PREFIX}*.txt")):
             if path == own:
                 continue
@@ -524,21 +568,19 @@ class Agent:
             if header is None or _process_alive(int(header["pid"]), int(header["created_ms"])):
                 continue
             body = text.split("\n", 1)[1] if "\n" in text else ""
-            blocks = _frames.split_faulthandler(body)
+            blocks = split_stacks(body) or _frames.split_faulthandler(body)  # this version's, or an older one's
             if blocks:
                 stacks = _frames.parse_faulthandler(blocks[-1])
                 loop_thread = header["loop_thread"]
-                timeout = _timeout_of(blocks[-1])
-                interval = float(header["probe_interval"])  # type: ignore[arg-type]
+                loop_stack = next(iter(stacks.values()), []) if len(stacks) == 1 else \
+                    stacks.get(loop_thread, []) if isinstance(loop_thread, int) else []
                 dump = self.build_dump(
-                    "unfinished_stall", loop=None,
-                    stall_seconds=None if timeout is None else max(0.0, timeout - interval),
-                    loop_stack=stacks.get(loop_thread, []) if isinstance(loop_thread, int) else [],
+                    "unfinished_stall", loop=None, stall_seconds=None, loop_stack=loop_stack,
                     threads=[_frames.thread_entry(i, s, {}) for i, s in sorted(stacks.items())],
                     tasks=[], source="faulthandler", pid=header["pid"], service=header["service"],
                     timestamp=mtime, hostname=None, python=None, loopwatch=None,
                     note="the process ended during this stall (killed, e.g. by a liveness probe, or "
-                         "crashed); faulthandler wrote this stack while the stall was going on")
+                         "crashed); its loop thread wrote this stack while the stall was going on")
                 self.write_dump(dump)
             path.unlink(missing_ok=True)
 
@@ -561,14 +603,3 @@ def _process_alive(pid: int, created_ms: int) -> bool:
         return abs(psutil.Process(pid).create_time() * 1000 - created_ms) < 1000
     except psutil.Error:
         return False
-
-
-_TIMEOUT = re.compile(r"^Timeout \((\d+):(\d+):(\d+(?:\.\d+)?)\)!", re.M)
-
-
-def _timeout_of(block: str) -> float | None:
-    match = _TIMEOUT.search(block)
-    if not match:
-        return None
-    hours, minutes, seconds = match.groups()
-    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)

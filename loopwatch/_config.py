@@ -48,7 +48,7 @@ class Options:
     metrics_port: int | tuple[int, int] = 9320  # a port, 0 (no exporter), or a range (first, last)
     metrics_addr: str = "0.0.0.0"
     registry: Any = dataclasses.field(default=REGISTRY, compare=False, repr=False)
-    probe_interval: float = 0.5
+    probe_interval: float = 1.0
     lag_thresholds: tuple[float, ...] = (0.5, 2.0, 10.0)
     dump_dir: Path = dataclasses.field(default_factory=_default_dump_dir)
     dump_cooldown: float = 60.0
@@ -59,6 +59,7 @@ class Options:
     gil_probe_interval: float = 1.0
     executor_wait_threshold: float = 0.5
     native_stacks: bool = False
+    accelerator: bool = True
 
     @property
     def dump_threshold(self) -> float:
@@ -79,10 +80,6 @@ class Options:
         port = self.metrics_port
         return f"{port[0]}-{port[1]}" if isinstance(port, tuple) else str(port)
 
-    @property
-    def watchdog_interval(self) -> float:
-        """How often the watchdog thread looks at the heartbeats."""
-        return min(0.1, self.lag_thresholds[0] / 5)
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Options))
@@ -222,7 +219,7 @@ def _validate(name: str, value: Any, source: str | None) -> Any:
     if name == "dump_keep":
         return _integer(name, value, source, low=0, high=100000,
                         what="an integer between 0 and 100000 (0 = no dumps)")
-    if name in ("faulthandler", "native_stacks"):
+    if name in ("faulthandler", "native_stacks", "accelerator"):
         return _boolean(name, value, source)
     if name == "slow_callback_threshold":
         return _number(name, value, source, low=0.001, high=60.0, low_inclusive=True,

@@ -48,7 +48,8 @@ class ThreadClock:
             if _read_schedstat(path) is not None:
                 self._schedstat = path
 
-    def sample(self, wall: float) -> ThreadSample:
+    def sample(self, wall: float, *, light: bool = False) -> ThreadSample:
+        """The clocks now; ``light``: the CPU clock only (no /proc read: three system calls fewer)."""
         cpu = None
         if self._cpu_clock is not None:
             try:
@@ -56,7 +57,7 @@ class ThreadClock:
             except OSError:
                 self._cpu_clock = None
         wanted = None
-        if self._schedstat is not None:
+        if self._schedstat is not None and not light:
             wanted = _read_schedstat(self._schedstat)
             if wanted is None:
                 self._schedstat = None

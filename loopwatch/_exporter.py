@@ -1,4 +1,4 @@
-"""The built-in ``/metrics`` endpoint: prometheus_client's WSGI app, served by one thread of ours.
+"""The built-in ``/metrics`` endpoint: prometheus_client's exposition, served by one thread of ours.
 
 It never touches the event loop, so it answers while the loop is stalled -- the moment it matters.
 (Scrapes do wait while a C call holds the GIL: no Python thread can run then.)
@@ -7,7 +7,10 @@ The serving thread sleeps in ``epoll`` on the listening socket and a wake-up pip
 while nobody scrapes (prometheus_client's own ``start_http_server`` polls twice a second and starts a
 thread per request), and ``close()`` returns at once instead of waiting for the next poll.  Requests are
 answered one at a time in that thread -- a scrape takes milliseconds, and a client that connects and says
-nothing is dropped after ``REQUEST_TIMEOUT`` seconds.
+nothing is dropped after ``REQUEST_TIMEOUT`` seconds.  The HTTP is minimal (a GET, its ``Accept`` and
+``Accept-Encoding`` headers and ``name[]`` filters, then ``Connection: close``): the body is what
+prometheus_client's own WSGI app would serve (its ``choose_encoder``: text or OpenMetrics; gzip when
+accepted), without the ~0.8 ms per scrape that ``wsgiref`` and ``email`` header parsing cost here.
 
 ``metrics_port`` may be a range (``"9320-9329"``): the exporter binds the first free port in it, so
 every worker of a pre-forking server (gunicorn) gets its own port -- its own scrape target.  Each
@@ -18,20 +21,22 @@ scrape collects under :attr:`Exporter.gate`, which the fork handler (``_fork``) 
 from __future__ import annotations
 
 import errno
+import gzip
 import selectors
 import socket
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from urllib.parse import parse_qs
 
-from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from . import _unpatched as _os
 
 # Bind errors after which the next port of a range is tried; anything else (a bad address) stops.
 _TRY_NEXT = {errno.EADDRINUSE, errno.EACCES}
 REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request and read the answer
+MAX_HEAD = 65536  # bytes of request line and headers read at most
 
 
 class _GatedRegistry:
@@ -50,26 +55,55 @@ class _GatedRegistry:
         return _GatedRegistry(self._registry.restricted_registry(names), self._gate)
 
 
-class _Handler(WSGIRequestHandler):
-    timeout = REQUEST_TIMEOUT
+def _respond(registry: Any, head: bytes) -> bytes:
+    """The whole HTTP response to a request whose head (request line and headers) is ``head``."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "/")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    path, _, query = target.partition("?")
+    status, extra, body = "200 OK", [], b""
+    if method == "OPTIONS":
+        extra = [("Allow", "OPTIONS,GET")]
+    elif method not in ("GET", "HEAD"):
+        status, extra = "405 Method Not Allowed", [("Allow", "OPTIONS,GET")]
+        body = f"# HTTP {status}: {method}; use OPTIONS or GET\n".encode()
+    elif path != "/favicon.ico":
+        encoder, content_type = choose_encoder(headers.get("accept"))
+        params = parse_qs(query)
+        if "name[]" in params:
+            registry = registry.restricted_registry(params["name[]"])
+        body = encoder(registry)
+        extra = [("Content-Type", content_type)]
+        if gzip_accepted(headers.get("accept-encoding")):
+            body = gzip.compress(body)
+            extra.append(("Content-Encoding", "gzip"))
+    fields = "".join(f"{k}: {v}\r\n" for k, v in [*extra, ("Content-Length", str(len(body))), ("Connection", "close")])
+    return f"HTTP/1.1 {status}\r\n{fields}\r\n".encode("latin-1") + (b"" if method == "HEAD" else body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        """Scrapes are not logged."""
 
-
-class _Server(WSGIServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that went away mid-answer is not an error of ours (the base class prints it)."""
-
-
-def _server_class(addr: str, port: int) -> type[_Server]:
-    """``_Server`` with the address family of ``addr`` (an IPv6 address needs ``AF_INET6``)."""
+def _family(addr: str, port: int) -> int:
+    """The address family of ``addr`` (an IPv6 address needs ``AF_INET6``)."""
     try:
-        infos = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family = infos[0][0]
+        return socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     except (OSError, IndexError):
-        family = socket.AF_INET
-    return type("_Server", (_Server,), {"address_family": family})
+        return socket.AF_INET
+
+
+def _listen(addr: str, port: int) -> socket.socket:
+    sock = socket.socket(_family(addr, port), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
 
 
 class Exporter:
@@ -78,7 +112,7 @@ class Exporter:
         self.ports = range(port, port + 1) if isinstance(port, int) else port
         self._registry = registry
         self.gate = threading.Lock()
-        self._server: _Server | None = None
+        self._server: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._wake: tuple[int, int] | None = None
         self.on_error: Any = None  # set by the agent: counts a failure of the serving thread
@@ -86,11 +120,10 @@ class Exporter:
     def start(self) -> None:
         """Bind the first free port and serve; raises the last ``OSError`` if none could be bound
         (e.g. every port is taken), without leaving a thread or a descriptor behind."""
-        app = make_wsgi_app(_GatedRegistry(self._registry, self.gate))  # type: ignore[arg-type]
         error: OSError | None = None
         for port in self.ports:
             try:
-                server = make_server(self.addr, port, app, _server_class(self.addr, port), handler_class=_Handler)
+                server = _listen(self.addr, port)
             except OSError as exc:
                 error = exc
                 if exc.errno in _TRY_NEXT:
@@ -99,7 +132,7 @@ class Exporter:
             try:
                 wake = _os.pipe()
             except OSError:
-                server.server_close()
+                server.close()
                 raise
             self._server, self._wake = server, wake
             self._thread = threading.Thread(target=self._serve, args=(server, wake[0]), name="loopwatch-exporter",
@@ -108,30 +141,50 @@ class Exporter:
             return
         raise error if error is not None else OSError(errno.EINVAL, "no port to bind")
 
-    def _serve(self, server: _Server, wake: int) -> None:
+    def _serve(self, server: socket.socket, wake: int) -> None:
+        registry = _GatedRegistry(self._registry, self.gate)
         try:
             with selectors.DefaultSelector() as selector:
-                selector.register(server.socket, selectors.EVENT_READ)
+                selector.register(server, selectors.EVENT_READ)
                 selector.register(wake, selectors.EVENT_READ)
                 while True:
                     ready = selector.select()
                     if any(key.fileobj == wake for key, _ in ready):
                         return
-                    server._handle_request_noblock()  # accept, answer, close (socketserver's own step)
+                    try:
+                        conn, _ = server.accept()
+                    except OSError:  # the client gave up already
+                        continue
+                    with conn:
+                        self._answer(conn, registry)
         except Exception as exc:  # noqa: BLE001 - never an unhandled exception in the host's threads
             if self._server is server and self.on_error is not None:
                 self.on_error(exc)
 
+    @staticmethod
+    def _answer(conn: socket.socket, registry: Any) -> None:
+        try:
+            conn.settimeout(REQUEST_TIMEOUT)
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            conn.sendall(_respond(registry, head.split(b"\r\n\r\n", 1)[0]))
+        except OSError:  # a client that went away, or said nothing in time: not an error of ours
+            pass
+
     @property
     def port(self) -> int | None:
         """The port actually bound, or ``None``."""
-        return None if self._server is None else int(self._server.server_address[1])
+        return None if self._server is None else int(self._server.getsockname()[1])
 
     @property
     def url(self) -> str | None:
         if self._server is None:
             return None
-        host, port = self._server.server_address[:2]
+        host, port = self._server.getsockname()[:2]
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         if ":" in host:
@@ -149,7 +202,7 @@ class Exporter:
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
         if server is not None:
-            server.server_close()
+            server.close()
         for fd in wake or ():
             try:
                 _os.close(fd)
@@ -166,7 +219,7 @@ class Exporter:
         self._server = self._thread = self._wake = None
         if server is not None:
             try:
-                server.socket.close()
+                server.close()
             except OSError:
                 pass
         for fd in wake or ():

@@ -3,23 +3,20 @@
 A pre-forking server (gunicorn with ``--preload``, or any process that forks workers) may install
 loopwatch in the parent.  The child is a copy of the parent with one thread -- the one that forked --
 so after ``fork()`` the agent there would be broken: its watchdog and exporter threads do not exist,
-the descriptors it holds (the exporter's listening socket, the watchdog's wake-up pipe and inotify
-descriptor, the faulthandler in-flight file) are the parent's, locks may be held by threads that are
+the descriptors it holds (the exporter's listening socket, the watchdog's wake-up pipe, the in-flight
+file of stacks of GIL-held stalls) are the parent's, locks may be held by threads that are
 gone, and its counters hold the parent's counts.  ``os.register_at_fork`` handlers fix that:
 
 * **before** ``fork()`` (in the parent): take the exporter's scrape gate, the agent's lock and
   structlog's write locks, so no scrape, attach or log line is half-done in the copy (a lock held by a
-  thread that is gone would block the child forever), and cancel faulthandler's timer.  That timer must not be
-  armed across ``fork()``: its C thread does not exist in the child, but its "running" lock is still
-  held, so the child's first ``dump_traceback_later``/``cancel_dump_traceback_later`` would wait for
-  that lock forever (checked on CPython 3.11: the child hangs).  The probes' re-arming is suspended
-  for the moment of the fork.
-* **after**, in the parent: release, and re-arm the timer for the loop that owns it.
+  thread that is gone would block the child forever).
+* **after**, in the parent: release them.
 * **after**, in the child: forget what belongs to the parent -- close (never ``shutdown``) the
   inherited listening socket, close the waker's descriptors and the in-flight file (it stays the
-  parent's: not removed), detach the parent's probes (its loops do not run in the child), replace the
-  locks and start every counter from zero (``Metrics.reset``, which also calls the ``reset`` that
-  features pass to ``Metrics.add_part``).  Nothing is started yet: the child is *dormant*.
+  parent's: not removed) and unregister its signal handler (POSIX timers do not cross ``fork()``), detach
+  the parent's probes (its loops do not run in the child), replace the locks and start every counter
+  from zero (``Metrics.reset``, which also calls the ``reset`` that features pass to
+  ``Metrics.add_part``).  Nothing is started yet: the child is *dormant*.
 * The agent **resumes** in the child when a loop first starts there (the hooks attach it) or
   ``install()`` is called there: a new watchdog thread (with a new waker), a new in-flight file named
   after the child's pid, and the exporter on the first free port of ``metrics_port``'s range.  A child
@@ -35,7 +32,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._log import emit
@@ -74,8 +70,6 @@ class _Held:
         self.parent_pid = os.getpid()
         self.locks: list[Any] = []
         self.log_locks: list[Any] = []
-        self.beats: list[tuple[Any, Callable[[], None]]] = []
-        self.cancelled = False
 
     def acquire(self, lock: Any, into: list[Any] | None = None) -> None:
         if lock.acquire(timeout=LOCK_TIMEOUT):
@@ -102,15 +96,6 @@ def _before() -> None:
         if exporter is not None:
             held.acquire(exporter.gate)  # first: a scrape may need the agent's lock to finish
         held.acquire(agent._lock)
-        native = agent._native
-        if native is not None:
-            for probe in agent._probes:
-                beat = probe.on_beat
-                if beat is not None:
-                    probe.on_beat = None
-                    held.beats.append((probe, beat))
-            native.cancel()  # after the above: the loop thread has no re-arm left to do before fork()
-            held.cancelled = True
     except Exception as exc:  # noqa: BLE001 - never raise into the host
         agent.guard.report("fork", exc)
     # Last (nothing may log from here on in this thread): a line half-written by the watchdog at fork()
@@ -124,19 +109,8 @@ def _after_in_parent() -> None:
     held, _held = _held, None
     if held is None:
         return
-    agent = held.agent
-    held.release(held.log_locks)  # first: the error report below logs
-    try:
-        for probe, beat in held.beats:
-            if probe.on_beat is None:
-                probe.on_beat = beat
-        native, owner = agent._native, agent._native_owner
-        if held.cancelled and native is not None and owner is not None and owner.running:
-            native.arm()
-    except Exception as exc:  # noqa: BLE001
-        agent.guard.report("fork", exc)
-    finally:
-        held.release()
+    held.release(held.log_locks)
+    held.release()
 
 
 def _after_in_child() -> None:
@@ -172,16 +146,13 @@ def _forget_parent(agent: Agent, parent_pid: int) -> None:
         agent.native_stacks._busy = threading.Lock()  # a py-spy run of the parent's is not the child's
     watchdog = agent.watchdog
     waker, watchdog.waker = watchdog.waker, None
-    watchdog.waker_note = None
-    watchdog.timer_note = None
     if waker is not None:
         waker.close()
-    native, agent._native = agent._native, None
-    agent._native_owner = None
-    if native is not None:
-        native.forget()
+    gilheld, agent._gilheld = agent._gilheld, None
+    agent._gilheld_owner = None
+    if gilheld is not None:
+        gilheld.forget()
     for probe in agent._probes:
-        probe.on_beat = None
         probe.late_beats.clear()  # the parent's stalls: not the child's to report
         try:
             agent._detach_locked(probe)  # the per-loop state of every feature goes with it
@@ -209,12 +180,10 @@ def resume(agent: Agent) -> None:
             return
         agent.fork_pending = False
         if agent.writer.enabled and agent.options.faulthandler:
-            agent._open_native()
+            agent._open_gilheld()
         if agent.options.metrics_port:
             agent._start_exporter()
-        agent.watchdog.start(agent._native)
-        if agent.watchdog.timer_note is not None:
-            emit("info", "loopwatch.watchdog_polling", reason=agent.watchdog.timer_note)
+        agent.watchdog.start()
         agent.gil_probe.start()
     emit("info", "loopwatch.forked", pid=os.getpid(), parent_pid=agent.parent_pid,
          metrics_url=agent.metrics_url, dump_dir=str(agent.options.dump_dir))

@@ -149,7 +149,7 @@ def task_stacks(loop: asyncio.AbstractEventLoop, limit: int = MAX_TASKS) -> list
     return result
 
 
-_FH_THREAD = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-fA-F]+)")
+_FH_THREAD = re.compile(r"^(?:(?:Current thread|Thread) (0x[0-9a-fA-F]+)|Stack \(most recent call first\):)")
 _FH_FRAME = re.compile(r'^\s+File "(.*)", line (\d+|\?\?\?) in (.*)$')
 
 
@@ -159,8 +159,8 @@ def parse_faulthandler(text: str) -> dict[int, list[dict[str, Any]]]:
     current: list[tuple[str, int | None, str]] | None = None
     for line in text.splitlines():
         head = _FH_THREAD.match(line)
-        if head:
-            current = threads.setdefault(int(head.group(1), 16), [])
+        if head:  # a thread's header; a stack the thread wrote itself (all_threads=False) has no ident: 0
+            current = threads.setdefault(int(head.group(1), 16) if head.group(1) else 0, [])
             continue
         frame = _FH_FRAME.match(line)
         if frame and current is not None:

@@ -19,7 +19,7 @@ from typing import Any
 LoopCallback = Callable[[asyncio.AbstractEventLoop], None]
 
 _original_set_running_loop = getattr(_events, "_set_running_loop", None)
-_callbacks: tuple[LoopCallback, LoopCallback, Callable[[BaseException], None]] | None = None
+_callbacks: tuple[LoopCallback, LoopCallback, LoopCallback, Callable[[BaseException], None]] | None = None
 
 
 def _notify(which: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -30,7 +30,7 @@ def _notify(which: int, loop: asyncio.AbstractEventLoop) -> None:
         callbacks[which](loop)
     except Exception as exc:  # noqa: BLE001 - never raise into the loop
         try:
-            callbacks[2](exc)
+            callbacks[3](exc)
         except Exception:  # noqa: BLE001
             pass
 
@@ -52,9 +52,9 @@ def _set_running_loop(loop: asyncio.AbstractEventLoop | None) -> None:
 class LoopHooks:
     """Installs and removes the patches described in the module docstring."""
 
-    def __init__(self, on_start: LoopCallback, on_stop: LoopCallback,
+    def __init__(self, on_start: LoopCallback, on_stop: LoopCallback, on_close: LoopCallback,
                  on_error: Callable[[BaseException], None]) -> None:
-        self._callbacks = (on_start, on_stop, on_error)
+        self._callbacks = (on_start, on_stop, on_close, on_error)
         self._patched: list[tuple[Any, str, Any]] = []
         self.notes: list[str] = []
 
@@ -83,6 +83,22 @@ class LoopHooks:
             except (TypeError, AttributeError):
                 self.notes.append("uvloop.Loop.run_forever cannot be wrapped: uvloop loops started "
                                   "later are watched only when install() is called inside them")
+
+    def watch_close(self, loop_class: type) -> None:
+        """Tell the agent before a loop of ``loop_class`` (uvloop's Python ``Loop``) closes: its libuv
+        handles of ours must be closed first.  ``uvloop.Loop.close`` is wrapped once, on the class."""
+        uvloop = sys.modules.get("uvloop")
+        owner = getattr(uvloop, "Loop", None)
+        if owner is None or not issubclass(loop_class, owner) or any(
+                o is owner and n == "close" for o, n, _ in self._patched):
+            return
+        original_close = owner.close
+
+        def close(self: Any) -> Any:
+            _notify(2, self)
+            return original_close(self)
+
+        self._patch(owner, "close", close)
 
     def _patch(self, owner: Any, name: str, value: Any) -> None:
         had_own = name in vars(owner)

@@ -1,8 +1,12 @@
-"""The lag probe: a timer on the watched loop that measures how late it fires and stamps a heartbeat.
+"""The probe: a timer on the watched loop that measures how late it fires (``event_loop_delay_seconds``).
 
 It is a ``call_later`` chain, not a task, so it never shows up among the application's tasks and costs
-one timer callback per ``probe_interval``.  Its state is plain attributes that the watchdog thread and
-the scrape read without locks (each is a single reference, replaced atomically under the GIL).
+one timer callback per ``probe_interval``.  How late a timer fires is what a timer-driven workload sees
+(a ``sleep(0.1)`` that takes 0.3 s), so its distribution is the loop's *delay*.  Stalls are timed by the
+loop's iteration clock instead (``_iteration``), from when they began; only where that clock cannot be
+read does an overdue beat stand for a stall (``_iteration.BeatActivity``).  The probe also notices a loop
+whose clock stops being the real one (a test that fast-forwards it): it is then left alone.  Its state is
+plain attributes that the watchdog thread and the scrape read without locks.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class LoopProbe:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, label: str, *, interval: float,
                  late_threshold: float, observe: Callable[[str, float], None],
-                 on_beat: Callable[[], None] | None = None, on_error: Callable[[BaseException], None],
+                 on_error: Callable[[BaseException], None],
                  on_collected: Callable[[LoopProbe], None] | None = None,
                  on_virtual_clock: Callable[[LoopProbe, str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -83,8 +87,6 @@ class LoopProbe:
         self.native_id = _os.get_native_id()
         self._late_threshold = late_threshold
         self._observe = observe
-        self.on_beat = on_beat
-        self.on_scheduled: Callable[[], None] | None = None  # set by the agent: re-arms the watchdog's timer
         self._on_error = on_error
         self._on_virtual_clock = on_virtual_clock
         self._clock = clock
@@ -95,7 +97,7 @@ class LoopProbe:
         self.running = False
         self.stopped = False
         self.late_beats: collections.deque[Beat] = collections.deque(maxlen=64)
-        self.activity: Any = None  # the loop's iteration timer (_slow), set by the agent
+        self.activity: Any = None  # the loop's iteration clock (_slow, _iteration), set by the agent
         self.stall_callback: tuple[str, str | None] | None = None  # set by the watchdog mid-stall
 
     def take_stall_callback(self) -> tuple[str, str | None] | None:
@@ -118,8 +120,6 @@ class LoopProbe:
         self.stopped = False
         self.running = True
         self._schedule(self._clock())
-        if self.on_beat is not None:
-            self.on_beat()
 
     def resume(self) -> None:
         """The loop starts running again (after ``run_until_complete`` returned): re-arm from now."""
@@ -168,9 +168,6 @@ class LoopProbe:
         loop = self.loop
         if loop is not None:
             self._handle = loop.call_later(self.interval, self._fire)
-        hook = self.on_scheduled
-        if hook is not None:
-            hook()  # the watchdog's timer follows the new due time (see _waker)
 
     def _fire(self) -> None:
         if self.stopped:
@@ -199,8 +196,6 @@ class LoopProbe:
             activity = self.activity
             if activity is not None:
                 activity.on_beat()
-            if self.on_beat is not None:
-                self.on_beat()
         except Exception as exc:  # noqa: BLE001 - never raise into the loop
             self._on_error(exc)
         finally:

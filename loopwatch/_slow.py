@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.events as _events
+import collections
 import functools
 import math
-import selectors
 import threading
 import time
 import types
@@ -38,16 +38,10 @@ from typing import Any
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from ._cputime import ThreadClock
+from ._frames import is_app_file
+from ._iteration import KNOWN_SELECTS, poll_clock, select_clock
 from ._labels import TopN
 
-# The selectors whose select() loopwatch wraps: the standard library's.  Anything else (a Mock, a test
-# double, a subclass with its own select) is left untouched.
-KNOWN_SELECTS = frozenset(
-    function for function in (getattr(getattr(selectors, name, None), "select", None)
-                              for name in ("SelectSelector", "PollSelector", "EpollSelector",
-                                           "DevpollSelector", "KqueueSelector"))
-    if function is not None)
 EXACT_WINDOW = 60.0  # seconds of exact timing after an unattributed slow iteration
 UNATTRIBUTED = "unattributed"
 _LOG_EVERY = 1.0  # at most one loopwatch.slow_callback event per callback label per second
@@ -68,9 +62,23 @@ class SlowCallback:
     culprit: str | None = None  # innermost application frame, when a stack was taken mid-stall
 
 
+def _application_coroutine(coro: Any) -> Any:
+    """The outermost coroutine of the application in ``coro``'s await chain (a server's task runs a
+    framework's coroutine that awaits the handler), else ``coro``."""
+    current, depth = coro, 0
+    while current is not None and depth < 32:
+        code = getattr(current, "cr_code", None) or getattr(current, "gi_code", None)
+        if code is not None and is_app_file(code.co_filename):
+            return current
+        current = getattr(current, "cr_await", None) or getattr(current, "gi_yieldfrom", None)
+        depth += 1
+    return coro
+
+
 def describe_task(task: asyncio.Task) -> dict[str, Any]:
-    """A task step: the task's name, its coroutine, where that is defined and where it stands now."""
-    coro = task.get_coro()
+    """A task step: the task's name, its coroutine -- the outermost one of the application in its await
+    chain -- where that is defined and where it stands now."""
+    coro = _application_coroutine(task.get_coro())
     code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
     frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
     module = frame.f_globals.get("__name__") if frame is not None else None
@@ -194,31 +202,36 @@ def _set_exact(timer: IterationTimer, on: bool) -> None:
 
 
 class IterationTimer:
-    """Times one stdlib loop's iterations through its selector (see the module docstring)."""
+    """Times one stdlib loop's iterations through its selector (see the module docstring and
+    ``_iteration``): busy time, slow iterations, and the stretches long enough to be stalls."""
 
     times_iterations = True  # it counts the loop's slow callbacks itself
+    exact = True  # stalls are timed from when they began
 
     def __init__(self, loop: asyncio.AbstractEventLoop, label: str, slow: SlowCallbacks, *,
-                 exact_always: bool, enabled: bool = True,
+                 exact_always: bool, enabled: bool = True, stall_threshold: float = math.inf,
                  stall_label: Callable[[], tuple[str, str | None] | None],
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 accelerated: bool = False, clock: Callable[[], float] | None = None) -> None:
         self._loop_ref = weakref.ref(loop)
         self.key = id(loop)  # the exact-mode key (the loop itself is not kept alive)
         self.label = label
         self.threshold = slow.threshold if enabled else math.inf
+        self.stall_threshold = stall_threshold
         self._slow = slow
         self._exact_always = exact_always
         self._stall_label = stall_label
-        self._clock = clock
+        self._accelerated = accelerated
+        self._clock = clock or time.monotonic
+        self._injected_clock = clock
         self._exact_until = 0.0
         self._exact_on = False
         self._selector: Any = None
-        self._select: Callable[..., Any] | None = None
-        # The wrapper's state lives in its closure; these read and restart it from other methods.
-        self._read: Callable[[], tuple[float, float | None]] | None = None
-        self._restart: Callable[[bool], None] | None = None
+        self._select: Any = None  # what was installed as the selector's select
+        self._iterations: Any = None  # its clock: read() and restart()
+        self._attribute = "select"  # which attribute of the selector holds it
         self._last_busy = 0.0  # what busy_now() last returned: the counter never goes back
         self._paused = False  # the loop is not running (between run_until_complete calls)
+        self._finished: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
         self.saw_exact_slow = False
         self.not_wrapped: str | None = None  # why install() left a Python selector alone
 
@@ -238,24 +251,36 @@ class IterationTimer:
         if getattr(original, "__self__", None) is not selector:  # replaced on the instance: someone else's
             self.not_wrapped = "the loop's selector.select was already replaced on the instance: left alone"
             return False
-        select, read, restart = self._make_select(original)
-        try:
-            selector.select = select
-        except AttributeError:  # a selector without an instance dict
-            return False
-        self._selector, self._select, self._read, self._restart = selector, select, read, restart
+        threshold = min(self.threshold, self.stall_threshold)
+        polling = poll_clock(selector, threshold, self._long, clock=self._injected_clock) if self._accelerated else None
+        if polling is not None:  # the selector's own epoll/poll object, timed (see _iteration)
+            selector._selector = polling
+            self._selector, self._select, self._iterations = selector, polling, polling
+            self._attribute = "_selector"
+        else:
+            select, iterations = select_clock(original, threshold, self._long,
+                                              accelerated=self._accelerated, clock=self._injected_clock)
+            try:
+                selector.select = select
+            except AttributeError:  # a selector without an instance dict
+                return False
+            self._selector, self._select, self._iterations = selector, select, iterations
+            self._attribute = "select"
         if self._exact_always:
             self._exact_on = True
             _set_exact(self, True)
         return True
 
     def uninstall(self) -> None:
+        self.set_park(None)
         selector = self._selector
-        if selector is not None and getattr(selector, "select", None) is self._select:
+        if selector is not None and self._attribute == "select" and getattr(selector, "select", None) is self._select:
             del selector.select
-        if self._read is not None:
+        elif selector is not None and self._attribute == "_selector" and getattr(selector, "_selector", None) is self._select:
+            selector._selector = self._select.target
+        if self._iterations is not None:
             self.busy_now()  # kept as the final value: the wrapper's clock stops here
-        self._selector = self._select = self._read = self._restart = None
+        self._selector = self._select = self._iterations = None
         if self._exact_on:
             self._exact_on = False
             _set_exact(self, False)
@@ -263,15 +288,21 @@ class IterationTimer:
     def reset(self) -> None:
         """The loop (re)starts running: time outside it is not busy time."""
         self._paused = False
-        if self._restart is not None:
-            self._restart(False)
+        if self._iterations is not None:
+            self._iterations.restart(False)
 
     def pause(self) -> None:
         """The loop stopped running (``run_until_complete`` returned): until it runs again, busy time does
-        not grow.  The busy stretch up to here is counted at the next select() or kept by busy_now()."""
-        if self._restart is not None:
-            self._restart(True)
+        not grow.  The stretch up to here was busy -- and is a stall if it was long (its last callback
+        blocked, and the loop returned without waiting again)."""
+        iterations = self._iterations
+        if iterations is not None:
+            start = iterations.read()[1]
+            now = self._clock()
+            iterations.restart(True)
             self.busy_now()
+            if start is not None and now - start >= min(self.threshold, self.stall_threshold):
+                self._long(start, now)
         self._paused = True
 
     def on_beat(self) -> None:
@@ -281,16 +312,48 @@ class IterationTimer:
             self._exact_on = False
             _set_exact(self, False)
 
-    def busy_now(self) -> float:
-        """Busy seconds so far, including the iteration in progress (grows live during a stall).
+    @property
+    def parkable(self) -> bool:
+        """The clock is the C accelerator's, which arms the watchdog's parking (see ``_accel.Park``)."""
+        return hasattr(self._iterations, "park")
 
-        Read from the scraping thread: the two closure values are read without a lock, so a select()
-        between the reads can make the sum come out short by one iteration; it is never reported
-        below what was reported before (a counter that goes back is a reset to Prometheus)."""
-        read = self._read
-        if read is None or self._paused:
+    def set_park(self, park: Any) -> None:
+        if self.parkable:
+            self._iterations.park = park
+
+    def busy_total(self) -> float:
+        """Busy seconds as the clock has them (changes with every stretch that ended)."""
+        iterations = self._iterations
+        return 0.0 if iterations is None else iterations.read()[0]
+
+    def busy_since(self, now: float | None = None) -> float | None:
+        """When the busy stretch in progress began, or ``None`` while the loop waits (or is not running)."""
+        iterations = self._iterations
+        if iterations is None or self._paused:
+            return None
+        return iterations.read()[1]
+
+    def peek_finished(self) -> list[tuple[float, float]]:
+        """What :meth:`finished` would return, left in place."""
+        return list(self._finished)
+
+    def finished(self) -> list[tuple[float, float]]:
+        """The stretches at least ``stall_threshold`` long that ended since the last call: (start, end)."""
+        out = []
+        while self._finished:
+            out.append(self._finished.popleft())
+        return out
+
+    def busy_now(self) -> float:
+        """Busy seconds so far, including the stretch in progress (grows live during a stall).
+
+        Read from the scraping thread: the wrapper's two values are read without a lock, so a select()
+        between the reads can make the sum come out short by one iteration; it is never reported below
+        what was reported before (a counter that goes back is a reset to Prometheus)."""
+        iterations = self._iterations
+        if iterations is None or self._paused:
             return self._last_busy
-        busy, start = read()
+        busy, start = iterations.read()
         if start is not None:
             busy += max(0.0, self._clock() - start)
         if busy < self._last_busy:
@@ -298,71 +361,30 @@ class IterationTimer:
         self._last_busy = busy
         return busy
 
-    def _make_select(self, original: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[[], tuple[float, float | None]],
-                                                                  Callable[[bool], None]]:
-        """The selector's ``select`` wrapper, plus a reader and a restarter of its state.
-
-        It is the one piece of loopwatch that runs on every loop iteration, so it is written for the
-        interpreter: closure cells rather than attributes, no method calls on the way, and one clock read
-        instead of two when asyncio asks for ``select(0)`` (callbacks are ready: the poll does not wait,
-        and its few microseconds count as busy).  See "Overhead" in the README."""
-        clock, threshold, slow_iteration = self._clock, self.threshold, self._slow_iteration
-        start: float | None = clock()  # when the current busy stretch began; None while select() waits
-        busy_total = 0.0
-
-        def select(timeout: float | None = None) -> Any:
-            nonlocal start, busy_total
-            if timeout == 0:
-                try:
-                    return original(0)
-                finally:
-                    now = clock()
-                    busy = now - start  # type: ignore[operator]
-                    start = now
-                    busy_total += busy
-                    if busy >= threshold:
-                        slow_iteration(busy)
-            now = clock()
-            busy = now - start  # type: ignore[operator]
-            busy_total += busy
-            start = None
-            if busy >= threshold:
-                slow_iteration(busy)
-            try:
-                return original(timeout)
-            finally:
-                start = clock()
-
-        def read() -> tuple[float, float | None]:
-            return busy_total, start
-
-        def restart(count_stretch: bool) -> None:
-            """A new busy stretch from now; ``count_stretch``: the one so far was busy (the loop stops
-            running), else it was not (the loop starts running again after a pause)."""
-            nonlocal start, busy_total
-            now = clock()
-            if count_stretch and start is not None:
-                busy_total += now - start
-            start = now
-
-        return select, read, restart
-
-    def _slow_iteration(self, busy: float) -> None:
+    def _long(self, start: float, end: float) -> None:
+        """A stretch at least min(slow, stall threshold) long ended (loop thread; never raises)."""
         try:
-            if self._exact_on:
-                exact_seen, self.saw_exact_slow = self.saw_exact_slow, False
-                self._exact_until = self._clock() + EXACT_WINDOW
-                if exact_seen:
-                    return  # counted per callback by _timed_run
-            named = self._stall_label()  # the watchdog saw this one mid-stall: (label, culprit)
-            self._slow.record(SlowCallback(self.label, busy, named[0] if named else UNATTRIBUTED,
-                                           "iteration", culprit=named[1] if named else None))
-            if not self._exact_on:
-                self._exact_on = True
-                self._exact_until = self._clock() + EXACT_WINDOW
-                _set_exact(self, True)
+            busy = end - start
+            if busy >= self.stall_threshold:
+                self._finished.append((start, end))
+            if busy >= self.threshold:
+                self._slow_iteration(busy)
         except Exception:  # noqa: BLE001 - never raise into the loop
             pass
+
+    def _slow_iteration(self, busy: float) -> None:
+        if self._exact_on:
+            exact_seen, self.saw_exact_slow = self.saw_exact_slow, False
+            self._exact_until = self._clock() + EXACT_WINDOW
+            if exact_seen:
+                return  # counted per callback by _timed_run
+        named = self._stall_label()  # the watchdog saw this one mid-stall: (label, culprit)
+        self._slow.record(SlowCallback(self.label, busy, named[0] if named else UNATTRIBUTED,
+                                       "iteration", culprit=named[1] if named else None))
+        if not self._exact_on:
+            self._exact_on = True
+            self._exact_until = self._clock() + EXACT_WINDOW
+            _set_exact(self, True)
 
     def exact_slow(self, handle: asyncio.Handle, elapsed: float) -> None:
         try:
@@ -371,37 +393,6 @@ class IterationTimer:
             self._slow.record(SlowCallback(self.label, elapsed, info.pop("label"), info.pop("what"), **info))
         except Exception:  # noqa: BLE001
             pass
-
-
-class CpuBusy:
-    """Where iterations cannot be timed (uvloop): the loop thread's on-CPU time stands in for busy time.
-
-    It misses time a callback spends blocked in a syscall (a sync DB call waiting on the network).
-    Slow callbacks are counted by the watchdog instead: the stalls it sees (see ``Watchdog._count_slow``).
-    """
-
-    times_iterations = False
-
-    def __init__(self, ident: int, native_id: int | None) -> None:
-        self._clock = ThreadClock(ident, native_id)
-        first = self._clock.sample(0.0).cpu
-        self._base = first if first is not None else 0.0
-
-    def busy_now(self) -> float | None:
-        cpu = self._clock.sample(0.0).cpu
-        return None if cpu is None else max(0.0, cpu - self._base)
-
-    def reset(self) -> None:
-        pass
-
-    def pause(self) -> None:
-        pass
-
-    def on_beat(self) -> None:
-        pass
-
-    def uninstall(self) -> None:
-        pass
 
 
 class SlowCallbackMetrics:

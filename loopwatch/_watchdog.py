@@ -1,15 +1,25 @@
-"""The watchdog thread: sees stalls while they are still going on.
+"""The watchdog thread: sees stalls while they are still going on, timed from when they began.
 
-It sleeps until a heartbeat is overdue by the first threshold -- woken by the beats' timerfd (see
-``_waker``), so a healthy loop does not wake it: every wake-up of a Python thread costs a busy loop some
-GIL hand-offs -- then reads each probe's heartbeat.  A beat that is overdue by more than the first threshold is a stall
-in progress (checked every ``watchdog_interval`` until it ends): the watchdog counts each threshold as
-the lag crosses it, cancels faulthandler's fallback timer (it runs, so the GIL is free: see ``_native``),
-and once per stall takes the loop thread's stack (``sys._current_frames()``), re-checks the heartbeat
-(if the stall ended meanwhile the stack belongs to healthy code and is discarded) and writes the dump.
-When the probe finally beats, the stall is over: the watchdog logs ``loopwatch.stall`` with its
-duration, culprit, dump path and kind.  Stalls it could not see live -- the GIL was held the whole
-time -- are finished from the probe's late beat and the faulthandler in-flight stack.
+Each watched loop has an iteration clock (``_iteration``): when the busy stretch in progress began -- the
+moment the loop stopped waiting for I/O -- or that it is waiting.  A stall is a stretch longer than the
+first lag threshold, whatever its phase relative to any timer, and its age is how long the loop has been
+stuck.  The watchdog sleeps until the earliest moment a stretch in progress could cross a threshold (or,
+with every loop idle, for ``SAMPLE_AT`` of the first threshold: a stretch that begins meanwhile cannot
+cross it sooner), so it looks at a stall exactly when it crosses each threshold:
+
+* at ``SAMPLE_AT`` of the first threshold it samples the loop thread's clocks (the stall's ``kind`` is
+  judged on a window inside it);
+* at the first threshold it counts the spike, takes the loop thread's stack with
+  ``sys._current_frames()``, re-checks that the same stretch is still going on (else the stack belongs to
+  healthy code and is discarded) and writes the dump -- ``stall_seconds`` is the stall's age then;
+* at each further threshold it counts that spike, live;
+* when the stretch ends, the clock reports it with its exact start and end: the ``loopwatch.stall`` event
+  has its real duration.
+
+A stall that holds the GIL stops the watchdog too; the kernel timer of ``_gilheld`` then makes the loop
+thread write its own stack, and the watchdog turns it into the dump as soon as it runs again.  A look
+much later than planned means the watchdog was starved (the GIL held, the process paused): a stack taken
+then would show whatever runs after the blocking call, so it is not taken.
 """
 
 from __future__ import annotations
@@ -19,31 +29,30 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _frames
 from . import _unpatched as _os
-from ._cputime import CPU_KIND_RATIO, ThreadClock, ThreadSample, classify
-from ._log import emit
-from ._native import FIRE_AT, NativeWatch
-from ._probe import Beat, LoopProbe
-from ._slow import UNATTRIBUTED, SlowCallback, describe_task, label_from_stack, running_task
+from ._cputime import ThreadClock, ThreadSample, classify
+from ._gilheld import FALLBACK_AFTER, REPEAT, GilHeldStacks
+from ._iteration import _accel
+from ._log import Guard, emit
+from ._probe import LoopProbe
+from ._slow import UNATTRIBUTED, SlowCallback, SlowCallbacks, describe_task, label_from_stack, running_task
 from ._waker import Waker
 
-if TYPE_CHECKING:
-    from ._agent import Agent
-
-
+SAMPLE_AT = 0.9  # share of the first threshold at which the loop thread's clocks are first sampled
 MIN_KIND_WINDOW = 0.02  # seconds: the shortest window inside a stall that its kind is judged on
-MAX_SLEEP = 2.0  # the watchdog looks at least this often (closed loops, housekeeping) ...
-MAX_SLEEP_TIMED = 5.0  # ... or this often when the beats' timer wakes it (see _waker)
-OWNER_SLACK = 0.95  # a late beat owns faulthandler's text when its delay reaches this share of the fire time
+LATE = 0.1  # seconds: a look this much later than planned was starved (GIL held, process paused)
+MAX_SLEEP = 5.0  # the watchdog looks at least this often (closed loops, housekeeping)
+KEY_TOLERANCE = 0.002  # seconds: a stretch's start as seen live and as reported at its end (uvloop: ms)
+MAX_PENDING = 8  # live stalls per loop waiting for their end (a bound, never reached in practice)
 _DUMP_FAILED = "the dump could not be written: see loopwatch.error and errors_total{component=\"dump\"}"
 
 
 @dataclasses.dataclass
 class Stall:
-    key: float  # the probe's due time when the stall began: identifies the stall
+    key: float  # when the stall began: the start of the stretch
     counted: set[float] = dataclasses.field(default_factory=set)
     captured: bool = False  # a live capture was attempted (one per stall)
     dump_path: Path | None = None
@@ -51,73 +60,104 @@ class Stall:
     source: str | None = None
     note: str | None = None
     task: dict[str, Any] | None = None  # the task step running mid-stall (describe_task), if any
+    before: ThreadSample | None = None  # the loop thread's clocks at the last look before it began
 
 
 @dataclasses.dataclass
 class _ProbeState:
     clock: ThreadClock
-    stall: Stall | None = None
-    fired_key: float | None = None  # the beat faulthandler fired for, while it is not yet a stall
-    # The loop thread's clocks sampled while the beat ``sampled_key`` was overdue: windows that lie
-    # entirely inside the stall, so the time before it (busy or not) cannot colour its kind.
+    stalls: list[Stall] = dataclasses.field(default_factory=list)  # seen live, waiting for their end
+    # The loop thread's clocks sampled inside the stall that began at ``sampled_key`` (first and latest),
+    # so that the time before it (busy or not) cannot colour its kind; and the sample of the previous look.
     sampled_key: float | None = None
     samples: list[ThreadSample] = dataclasses.field(default_factory=list)
+    previous: ThreadSample | None = None
+    blocks: list[tuple[float, str]] = dataclasses.field(default_factory=list)  # (fired at, stack text)
+    busy_seen: float | None = None  # the clock's busy total at the last look
+    idle: bool = False  # at the last look: waiting, and no stretch ended since the look before
+    def pending(self, key: float) -> Stall | None:
+        return next((s for s in self.stalls if abs(s.key - key) <= KEY_TOLERANCE), None)
 
     def sample_stall(self, key: float, now: float) -> None:
-        if self.sampled_key != key:
+        if self.sampled_key is None or abs(self.sampled_key - key) > KEY_TOLERANCE:
             self.sampled_key, self.samples = key, []
         if len(self.samples) < 2:
             self.samples.append(self.clock.sample(now))
         else:
             self.samples[1] = self.clock.sample(now)  # keep the first and the latest
 
-    def kind(self, key: float) -> tuple[str, float | None]:
-        """``(kind, cpu_seconds)`` over the samples taken inside the stall of ``key``."""
-        if self.sampled_key != key or len(self.samples) < 2:
-            return "unknown", None
-        first, last = self.samples[0], self.samples[-1]
-        if last.wall - first.wall < MIN_KIND_WINDOW:
-            return "unknown", None
-        return classify(first, last, last.wall - first.wall)
+    def before(self, key: float) -> ThreadSample | None:
+        """The sample of the last look before ``key``, if the previous look was before it."""
+        previous = self.previous
+        return previous if previous is not None and previous.wall <= key + KEY_TOLERANCE else None
+
+    def kind(self, key: float, duration: float, now: float,
+             before: ThreadSample | None = None) -> tuple[str, float | None]:
+        """``(kind, cpu_seconds)`` of the stall that began at ``key``: over samples taken inside it, else
+        over the window from the look before it to now (the stall plus some healthy time)."""
+        if self.sampled_key is not None and abs(self.sampled_key - key) <= KEY_TOLERANCE and len(self.samples) >= 2:
+            first, last = self.samples[0], self.samples[-1]
+            if last.wall - first.wall >= MIN_KIND_WINDOW:
+                return classify(first, last, last.wall - first.wall)
+        before = before or self.before(key)
+        if before is not None:
+            return classify(before, self.clock.sample(now), duration)
+        return "unknown", None
 
 
 class Watchdog:
     """Stall detection logic plus the thread that drives it (``tick`` is callable directly in tests)."""
 
-    def __init__(self, agent: Agent, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._agent = agent
+    def __init__(self, *, options: Any, probes: Callable[[], tuple[LoopProbe, ...]],
+                 count_spike: Callable[[str, float], None], writer: Any, guard: Guard, slow: SlowCallbacks,
+                 build_dump: Callable[..., dict[str, Any]], write_dump: Callable[[dict[str, Any]], Path | None],
+                 detach: Callable[[LoopProbe], None], gilheld: Callable[[LoopProbe], GilHeldStacks | None],
+                 gc: Any = None, accelerated: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        self._options = options
+        self._thresholds = tuple(options.lag_thresholds)
+        self._threshold = options.dump_threshold
+        self._probes = probes
+        self._count_spike = count_spike
+        self._writer = writer
+        self._guard = guard
+        self._slow = slow
+        self._build_dump = build_dump
+        self._write_dump = write_dump
+        self._detach = detach
+        self._gilheld = gilheld
+        self._gc = gc
+        self._accelerated = accelerated
+        self.park: Any = None  # _accel.Park: lets this thread sleep while every loop waits (see _park)
+        self._parked_since: float | None = None  # this look follows a parked sleep
         self._clock = clock
-        self._options = agent.options
         self._states: dict[LoopProbe, _ProbeState] = {}
         self.waker: Waker | None = None
-        self.waker_note: str | None = None  # why faulthandler cannot wake us, if it cannot
-        self.timer_note: str | None = None  # why the beats' timer cannot wake us, if it cannot
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.looks = 0  # how many times the watchdog looked (tests count its wake-ups)
 
     # -- thread ----------------------------------------------------------------------------------
-    def start(self, native: NativeWatch | None = None) -> None:
+    def start(self) -> None:
         self._stopping = False
         self.waker = Waker()
-        # The beats' timer runs on the real monotonic clock: with an injected clock (tests), deadlines.
-        self.timer_note = (self.waker.start_timer() if self._clock is time.monotonic
-                           else "the watchdog runs on an injected clock")
-        if native is not None:
-            self.waker_note = self.waker.watch_file(str(native.path), native.rewrite_header)
+        self.park = None
+        if self._accelerated and _accel is not None:
+            try:
+                self.park = _accel.Park(self.waker.write_fd)
+                self.waker.watch(self.park.timerfd)
+            except OSError:  # no timerfd: the watchdog polls
+                self.park = None
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
         self._thread.start()
 
-    def poke(self, *, always: bool = False) -> None:
-        """Look now (a loop was attached or resumed): its deadline may be earlier than the planned one.
-
-        With the beats' timer there is nothing to do: the probe's first beat re-armed it (waking a thread
-        here would make the loop thread wait for the GIL just as it starts running), unless ``always``."""
-        if self.waker is not None and (always or not self.waker.timed):
+    def poke(self) -> None:
+        """Look now (a loop was attached, or closed and dropped)."""
+        if self.waker is not None:
             self.waker.poke()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
-        self.poke(always=True)
+        self.poke()
         thread = self._thread
         if thread is not None and thread is not _os.current_thread():
             thread.join(timeout)
@@ -127,160 +167,190 @@ class Watchdog:
             self.waker = None
 
     def drain(self) -> None:
-        """Finish the stalls whose late beats are queued (the agent is stopping)."""
+        """Finish the stalls whose ends are reported (the agent is stopping)."""
+        now = self._clock()
         for probe, state in list(self._states.items()):
-            with self._agent.guard("watchdog"):
-                while probe.late_beats:
-                    self._finish(probe, state, probe.late_beats.popleft(), False)
+            with self._guard("watchdog"):
+                if probe.activity is not None:
+                    for start, end in probe.activity.finished():
+                        self._ended(probe, state, start, end, now, late=False)
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
-        interval = self._options.watchdog_interval
-        margin = max(0.05, 2 * interval)
-        last = self._clock()
-        wait = interval
+        planned = self._clock()
+        parked = False
         while True:
             waker = self.waker
             if waker is None:
                 return
             try:
-                woke = waker.wait(wait)
+                poked = waker.wait((self._clock() + MAX_SLEEP if parked else planned) - self._clock())
             except Exception as exc:  # noqa: BLE001 - the thread must outlive any error (counted)
-                self._agent.guard.report("watchdog", exc)
-                _os.sleep(min(wait, 1.0))
-                woke = "timeout"
+                self._guard.report("watchdog", exc)
+                _os.sleep(0.1)
+                poked = False
             if self._stopping:
                 return
             now = self._clock()
-            # A stack taken by a watchdog that was itself starved (the GIL was held, or the process
-            # was paused) would show whatever ran after the stall: detect that and do not trust it.
-            if woke == "timeout":
-                starving = now - last > wait + margin
-            elif woke == "file":
-                starving = self._fired_long_ago(margin)
-            elif woke == "timer":  # woken long after the beat was due: we could not run (GIL held)
-                deadline = waker.deadline
-                starving = deadline is not None and now - deadline > margin
+            if parked:
+                due = self.park.due
+                self.park.unpark()
+                parked = False
+                self._parked_since = now
+                late = due is not None and now - due > LATE
             else:
-                starving = False
-            last = now
-            with self._agent.guard("watchdog"):
-                self.tick(now, starving=starving)
-            wait = interval
-            with self._agent.guard("watchdog"):
-                wait = self.next_wait(now)
+                late = not poked and now - planned > LATE
+            wake = now + SAMPLE_AT * self._threshold
+            with self._guard("watchdog"):
+                wake = self.tick(now, late=late)
+            self._parked_since = None
+            with self._guard("gilheld"):
+                parked = self._park(now)
+                if not parked:
+                    self._arm_fallback(wake)
+            planned = wake
 
-    def _fired_long_ago(self, margin: float) -> bool:
-        native = self._agent.native
-        written = native.written_at() if native is not None else None
-        return written is not None and time.time() - written > margin
-
-    @property
-    def timed(self) -> bool:
-        """True if the beats' timer wakes the watchdog (see ``_waker``)."""
-        waker = self.waker
-        return waker is not None and waker.timed
-
-    def arm(self) -> None:
-        """Set the timer to the moment the earliest due beat would be a threshold late (a probe calls this
-        on the loop thread each time it schedules a beat; the watchdog before it sleeps).  Never raises."""
-        waker = self.waker
-        if waker is None or not waker.timed:
-            return
-        due = [p.expected_at for p in self._agent.probes() if p.running]
-        if due:
-            waker.arm_at(min(due) + self._options.dump_threshold)
-
-    def next_wait(self, now: float) -> float:
-        """Seconds until the next look: soon during a stall, else when the first beat could be late.
-
-        The watchdog must look before faulthandler's fallback timer fires (see ``_native``).  With the
-        beats' timer (see ``_waker``) that look costs nothing until a beat is actually late; without it
-        the watchdog wakes on deadlines, about once per beat.
-        """
-        interval = self._options.watchdog_interval
-        timed = self.timed
-        longest = MAX_SLEEP_TIMED if timed else MAX_SLEEP
-        deadline = now + longest
-        for probe in self._agent.probes():
+    def _park(self, now: float) -> bool:
+        """Sleep until a loop's stretch needs a look, if every loop waits for I/O and none ran anything
+        since the last look: the loops arm the parking's timers (see ``_accel.Park``).  Never parks with
+        a loop whose clock cannot arm them (uvloop, the pure-Python clock, the beat fallback)."""
+        park = self.park
+        if park is None:
+            return False
+        running = []
+        for probe in self._probes():
+            activity = probe.activity
             state = self._states.get(probe)
-            if probe.late_beats or (state is not None and state.stall is not None):
-                return interval
-            native = self._agent.native_for(probe)
-            if native is not None and native.has_output():
-                return interval  # faulthandler fired: a stall may be starting
-            if not probe.running or timed:
-                continue
-            deadline = min(deadline, probe.expected_at + self._options.dump_threshold)
-        if timed:
-            self.arm()
-        return min(longest, max(interval / 2, deadline - now))
+            if not getattr(activity, "parkable", False) or state is None or state.stalls:
+                return False
+            if probe.running:
+                running.append((probe, state))
+        if not running or not all(state.idle for _, state in running):
+            return False
+        gilheld = next((g for g in (self._gilheld(p) for p, _ in running) if g is not None), None)
+        if gilheld is not None:
+            gilheld.disarm()  # from here the loops' stretches arm it (before park: this call drops the GIL)
+        threshold = SAMPLE_AT * self._threshold
+        park.park(threshold, threshold + FALLBACK_AFTER, REPEAT, gilheld.timer_value if gilheld else None)
+        if any(p.activity.busy_since(now) is not None or p.activity.busy_total() != s.busy_seen for p, s in running):
+            park.unpark()  # a stretch began meanwhile: look as planned
+            return False
+        return True
+
+    def _arm_fallback(self, wake: float) -> None:
+        """If this thread cannot look at ``wake`` (the GIL is held), the owner loop writes its own stack."""
+        for probe in self._probes():
+            gilheld = self._gilheld(probe)
+            if gilheld is not None:
+                if probe.running:
+                    gilheld.arm(wake + FALLBACK_AFTER)
+                else:
+                    gilheld.disarm()
 
     # -- logic -----------------------------------------------------------------------------------
-    def tick(self, now: float, *, starving: bool = False) -> None:
+    def tick(self, now: float, *, late: bool = False) -> float:
+        """Look at every loop; returns when to look next."""
+        self.looks += 1
+        wake = now + min(MAX_SLEEP, SAMPLE_AT * self._threshold)
         live = set()
-        for probe in self._agent.probes():
+        for probe in self._probes():
             live.add(probe)
             state = self._states.get(probe)
             if state is None:
                 state = self._states[probe] = _ProbeState(ThreadClock(probe.thread_ident, probe.native_id))
-            with self._agent.guard("watchdog"):
-                self._check(probe, state, now, starving)
+            with self._guard("watchdog"):
+                due = self._check(probe, state, now, late)
+                if due is not None:
+                    wake = min(wake, due)
         for gone in [p for p in self._states if p not in live]:
             del self._states[gone]
+        return max(wake, now + 0.001)
 
-    def _check(self, probe: LoopProbe, state: _ProbeState, now: float, starving: bool) -> None:
+    def _check(self, probe: LoopProbe, state: _ProbeState, now: float, late: bool) -> float | None:
         if probe.closed:
-            self._agent.detach(probe)
-            return
-        while probe.late_beats:
-            self._finish(probe, state, probe.late_beats.popleft(), starving)
-        if not probe.running:
-            state.stall = None
-            state.sampled_key = None
-            return
-        key = probe.expected_at
-        lag = now - key
-        if lag >= FIRE_AT * self._options.dump_threshold / 2:
-            state.sample_stall(key, now)  # late already: sample the loop thread from inside the stall
-        if lag < self._options.dump_threshold:
-            if state.stall is not None and state.stall.key != key:
-                state.stall = None  # the beat came back without a late record (loop restarted)
-            self._early_fire(probe, state, key)
-            return
-        stall = state.stall
-        if stall is None or stall.key != key:
-            stall = state.stall = Stall(key=key)
-        for threshold in self._options.lag_thresholds:
-            if lag >= threshold and threshold not in stall.counted:
-                stall.counted.add(threshold)
-                self._agent.metrics.count_spike(probe.label, threshold)
-        if not stall.captured and not starving:
-            stall.captured = True
-            native = self._agent.native_for(probe)
-            if native is not None and not native.has_output():
-                # We run, so the GIL is free and other threads may run Python: faulthandler must not walk
-                # their frames now (see _native).  The probe re-arms it at its next beat.
-                native.cancel()
-            self._capture(probe, state, stall, now)
+            self._detach(probe)
+            return None
+        activity = probe.activity
+        if activity is None:
+            return None
+        self._take_blocks(probe, state)
+        for start, end in activity.finished():
+            self._ended(probe, state, start, end, now, late=late)
+        since = activity.busy_since(now) if probe.running else None
+        due = self._look(probe, state, since, now, late)
+        state.previous = state.clock.sample(now, light=True)
+        total = activity.busy_total() if getattr(activity, "parkable", False) else None
+        state.idle = since is None and total is not None and total == state.busy_seen
+        state.busy_seen = total
+        if not state.stalls:
+            state.blocks = [b for b in state.blocks if since is not None and b[0] >= since - KEY_TOLERANCE]
+        return due
 
-    def _early_fire(self, probe: LoopProbe, state: _ProbeState, key: float) -> None:
-        """faulthandler fires just before the threshold; if the beat then came in time, forget it."""
-        native = self._agent.native_for(probe)
-        if native is None or not native.has_output():
-            state.fired_key = None
-        elif state.fired_key is None:
-            state.fired_key = key
-        elif state.fired_key != key:
-            native.take()
-            state.fired_key = None
+    def _look(self, probe: LoopProbe, state: _ProbeState, since: float | None, now: float,
+              late: bool) -> float | None:
+        """The stretch in progress (``since``): count, sample, capture; returns when to look at it next."""
+        if since is None:
+            return None
+        age = now - since
+        threshold = self._threshold
+        if age >= SAMPLE_AT * threshold:
+            state.sample_stall(since, now)
+        if age < SAMPLE_AT * threshold:
+            return since + SAMPLE_AT * threshold
+        if age < threshold:
+            return since + threshold
+        stall = state.pending(since)
+        if stall is None:
+            stall = Stall(key=since, before=state.before(since))
+            state.stalls = [*state.stalls[-(MAX_PENDING - 1):], stall]
+        for value in self._thresholds:
+            if age >= value and value not in stall.counted:
+                stall.counted.add(value)
+                self._count_spike(probe.label, value)
+        if not stall.captured:
+            stall.captured = True
+            block = self._block_for(state, since, now)
+            if block is not None:  # the GIL was held when it crossed the threshold: its own stack
+                self._dump_from_block(probe, state, stall, block, now)
+            elif late:
+                stall.note = ("not captured live: the watchdog could not run when the stall crossed the "
+                              "threshold (the GIL was held, or the process was paused)")
+            else:
+                self._capture(probe, state, stall, now)
+        later = [since + value for value in self._thresholds if value not in stall.counted]
+        return min(later) if later else None
+
+    def _take_blocks(self, probe: LoopProbe, state: _ProbeState) -> None:
+        """Stacks the owner loop's thread wrote on the fallback timer's signal, dated from its schedule."""
+        gilheld = self._gilheld(probe)
+        if gilheld is None or not gilheld.has_output():
+            return
+        first = gilheld.armed_at
+        stacks = gilheld.take()
+        if first is not None:
+            state.blocks.extend((first + n * REPEAT, text) for n, text in enumerate(stacks))
+        elif self._parked_since is not None:
+            # Armed by the parking, when the stretch in progress began (see _accel.Park): dated from its start.
+            since = probe.activity.busy_since(self._clock()) if probe.running else None
+            ended = [start for start, _ in getattr(probe.activity, "peek_finished", lambda: [])()]
+            start = since if since is not None else (ended[-1] if ended else None)
+            if start is not None:
+                first = start + SAMPLE_AT * self._threshold + FALLBACK_AFTER
+                state.blocks.extend((first + n * REPEAT, text) for n, text in enumerate(stacks))
+
+    def _block_for(self, state: _ProbeState, start: float, end: float) -> tuple[float, str] | None:
+        """The stack written inside [start, end]: the first at least a threshold into it, else the last."""
+        inside = [b for b in state.blocks if start - KEY_TOLERANCE <= b[0] <= end + KEY_TOLERANCE]
+        if not inside:
+            return None
+        return next((b for b in inside if b[0] - start >= self._threshold), inside[-1])
 
     def _capture(self, probe: LoopProbe, state: _ProbeState, stall: Stall, now: float) -> None:
         """Take the loop thread's stack mid-stall; dump it unless dumps are off or cooling down."""
-        writer = self._agent.writer
+        writer = self._writer
         frames = _frames.current_frames()
         taken = self._clock()
         loop_frame = frames.get(probe.thread_ident)
@@ -292,114 +362,124 @@ class Watchdog:
         threads = _frames.all_thread_stacks(frames) if writer.enabled else []
         del frames
         tasks = _frames.task_stacks(loop) if writer.enabled and loop is not None else []
-        if probe.expected_at != stall.key or not probe.running:
+        since = probe.activity.busy_since(self._clock()) if probe.running else None
+        if since is None or abs(since - stall.key) > KEY_TOLERANCE:
             stall.note = "stack discarded: the stall ended while it was being taken"
             emit("debug", "loopwatch.capture_discarded", loop=probe.label)
             return
         stall.culprit, stall.source = _frames.culprit_of(loop_stack), "watchdog"
-        with self._agent.guard("watchdog"):
+        with self._guard("watchdog"):
             stall.task = describe_task(task) if task is not None else None
         if running is None and stall.task is not None:
             running = stall.task["label"]
         if running is not None:
-            probe.stall_callback = (running, _frames_location(stall.culprit))
+            probe.stall_callback = (running, _location(stall.culprit))
         if not writer.enabled:
             stall.note = f"dumps disabled: {writer.disabled_reason}"
             return
         if not writer.claim_automatic():
             stall.note = f"no dump: another was written less than dump_cooldown={writer.cooldown}s ago"
             return
-        if state.sampled_key != stall.key or len(state.samples) < 2:
-            _os.sleep(MIN_KIND_WINDOW)  # first look at this stall: a short window inside it
+        if state.sampled_key != stall.key or len(state.samples) < 2 or \
+                state.samples[-1].wall - state.samples[0].wall < MIN_KIND_WINDOW:
+            _os.sleep(MIN_KIND_WINDOW)  # a window inside this stall long enough to judge its kind on
             state.sample_stall(stall.key, self._clock())
-        kind, cpu = state.kind(stall.key)
-        dump = self._agent.build_dump(
-            "event_loop_lag", loop=probe.label, stall_seconds=taken - stall.key,
-            loop_stack=loop_stack, threads=threads, tasks=tasks, source="watchdog",
-            kind=kind, cpu_seconds=cpu)
-        path = self._agent.write_dump(dump)
+        kind, cpu, extra = self._kind(state, stall.key, taken - stall.key, taken)
+        dump = self._build_dump("event_loop_lag", loop=probe.label, stall_seconds=taken - stall.key,
+                                loop_stack=loop_stack, threads=threads, tasks=tasks, source="watchdog",
+                                kind=kind, cpu_seconds=cpu, **extra)
+        path = self._write_dump(dump)
         if path is None:
             stall.note = _DUMP_FAILED
             return
         stall.dump_path = path
 
-    def _finish(self, probe: LoopProbe, state: _ProbeState, beat: Beat, starving: bool) -> None:
-        """The probe beat again after a stall of ``beat.delay`` seconds."""
-        stall = state.stall if state.stall is not None and state.stall.key == beat.key else None
-        if stall is None:
-            stall = Stall(key=beat.key)
-            stall.note = ("not seen live: the watchdog could not run during the stall (the GIL was held, "
-                          "or the process was paused)" if starving else
-                          "not seen live: the stall ended before the watchdog's next look")
-        else:
-            state.stall = None
-        for threshold in self._options.lag_thresholds:
-            if beat.delay >= threshold and threshold not in stall.counted:
-                stall.counted.add(threshold)
-                self._agent.metrics.count_spike(probe.label, threshold)
-        kind, _ = state.kind(beat.key)
-        if kind == "unknown" and beat.cpu_seconds is not None:  # not seen from inside (GIL held)
-            kind = "cpu" if beat.cpu_seconds >= CPU_KIND_RATIO * beat.delay else "blocked"
-        native = self._agent.native_for(probe)
-        state.fired_key = None
-        with self._agent.guard("faulthandler"):
-            if native is not None and beat.delay >= OWNER_SLACK * native.lag_when_fired and native.has_output():
-                # Only a beat this late can have let faulthandler fire: with several late beats queued
-                # (the watchdog starved through them), a short one must not take a long one's stack.
-                text = native.take()
-                if stall.source is None and beat.delay >= self._options.dump_threshold:
-                    self._dump_from_faulthandler(probe, stall, text, beat, kind)
-        culprit = stall.culprit
-        if probe.activity is not None and not probe.activity.times_iterations:
-            self._count_slow(probe, stall, beat.delay)
-        emit(
-            "warning", "loopwatch.stall", loop=probe.label, duration=round(beat.delay, 6),
-            thresholds=[t for t in self._options.lag_thresholds if t in stall.counted],
-            culprit=_frames_location(culprit), dump=str(stall.dump_path) if stall.dump_path else None,
-            kind=kind, cpu_seconds=None if beat.cpu_seconds is None else round(beat.cpu_seconds, 6),
-            source=stall.source, note=stall.note)
+    def _kind(self, state: _ProbeState, key: float, duration: float, now: float,
+              before: ThreadSample | None = None) -> tuple[str, float | None, dict[str, Any]]:
+        """``(kind, cpu_seconds, extra dump fields)``: ``gc`` if collections took most of the stall."""
+        kind, cpu = state.kind(key, duration, now, before)
+        if self._gc is not None:
+            found = self._gc.kind(key, key + duration)
+            if found is not None:
+                return "gc", cpu, {"gc_seconds": round(found[0], 6), "gc_generation": found[1]}
+        return kind, cpu, {}
 
-    def _count_slow(self, probe: LoopProbe, stall: Stall, duration: float) -> None:
-        """A loop whose iterations cannot be timed (uvloop): a stall the watchdog saw is its slow callback,
-        named after the task step that was running mid-stall (``unattributed`` for a plain callback)."""
-        slow = self._agent.slow
-        if self._options.slow_callback_mode == "off" or duration < slow.threshold:
+    def _dump_from_block(self, probe: LoopProbe, state: _ProbeState, stall: Stall, block: tuple[float, str],
+                         now: float) -> None:
+        """A dump from the stack the loop thread wrote itself while the GIL was held."""
+        fired, text = block
+        stacks = _frames.parse_faulthandler(text)
+        loop_stack = next(iter(stacks.values()), [])
+        stall.culprit, stall.source = _frames.culprit_of(loop_stack), "faulthandler"
+        writer = self._writer
+        if not writer.enabled:
+            stall.note = f"dumps disabled: {writer.disabled_reason}"
             return
-        with self._agent.guard("watchdog"):
-            info = dict(stall.task) if stall.task else {"what": "stall", "label": UNATTRIBUTED}
-            slow.record(SlowCallback(probe.label, duration, info.pop("label"), info.pop("what"),
-                                     culprit=_frames_location(stall.culprit), **info))
-
-    def _dump_from_faulthandler(self, probe: LoopProbe, stall: Stall, text: str, beat: Beat,
-                                kind: str) -> None:
-        writer = self._agent.writer
-        if not writer.enabled or not writer.claim_automatic():
+        if not writer.claim_automatic():
+            stall.note = f"no dump: another was written less than dump_cooldown={writer.cooldown}s ago"
             return
-        native = self._agent.native_for(probe)
-        assert native is not None
-        blocks = _frames.split_faulthandler(text)
-        stacks = _frames.parse_faulthandler(blocks[0]) if blocks else {}
-        dump = self._agent.build_dump(
-            "event_loop_lag", loop=probe.label, stall_seconds=native.lag_when_fired,
-            loop_stack=stacks.get(probe.thread_ident, []),
-            threads=_threads_from_faulthandler(stacks), tasks=[], source="faulthandler",
-            kind=kind, cpu_seconds=beat.cpu_seconds,
-            note="stack written by faulthandler's C thread while the GIL was held; task stacks "
-                 "cannot be taken without the GIL")
-        path = self._agent.write_dump(dump)
-        stall.culprit, stall.source = dump["culprit"], "faulthandler"
+        kind, cpu, extra = self._kind(state, stall.key, max(0.0, now - stall.key), now, stall.before)
+        known = _frames.threads_info()
+        dump = self._build_dump(
+            "event_loop_lag", loop=probe.label, stall_seconds=fired - stall.key, loop_stack=loop_stack,
+            threads=[_frames.thread_entry(probe.thread_ident, loop_stack, known)], tasks=[], source="faulthandler",
+            kind=kind, cpu_seconds=cpu,
+            note="stack written by the loop thread itself (a signal) while the GIL was held; other threads' "
+                 "stacks and task stacks cannot be read without the GIL", **extra)
+        path = self._write_dump(dump)
         if path is None:
             stall.note = _DUMP_FAILED
         else:
             stall.dump_path = path
 
+    def _ended(self, probe: LoopProbe, state: _ProbeState, start: float, end: float, now: float, *,
+               late: bool) -> None:
+        """The loop's clock reports a long stretch that ended: a slow callback, and a stall if long enough."""
+        duration = end - start
+        stall = state.pending(start)
+        if stall is not None:
+            state.stalls.remove(stall)
+        activity = probe.activity
+        counts_slow = (activity is not None and not activity.times_iterations and duration >= self._slow.threshold
+                       and self._options.slow_callback_mode != "off")
+        if duration < self._threshold:
+            if counts_slow:
+                self._count_slow(probe, stall, duration)
+            return
+        if stall is None:
+            stall = Stall(key=start, before=state.before(start))
+            block = self._block_for(state, start, end)
+            if block is not None:
+                self._dump_from_block(probe, state, stall, block, end)
+            elif late:
+                stall.note = ("not seen live: the watchdog could not run during the stall (the GIL was held, "
+                              "or the process was paused)")
+            else:
+                stall.note = "not seen live: it ended before the watchdog's look at the threshold"
+        for value in self._thresholds:
+            if duration >= value and value not in stall.counted:
+                stall.counted.add(value)
+                self._count_spike(probe.label, value)
+        if counts_slow:
+            self._count_slow(probe, stall, duration)
+        kind, cpu, extra = self._kind(state, start, duration, now, stall.before)
+        state.blocks = [b for b in state.blocks if b[0] > end + KEY_TOLERANCE]
+        emit("warning", "loopwatch.stall", loop=probe.label, duration=round(duration, 6),
+             thresholds=[t for t in self._thresholds if t in stall.counted], culprit=_location(stall.culprit),
+             dump=str(stall.dump_path) if stall.dump_path else None, kind=kind,
+             cpu_seconds=None if cpu is None else round(cpu, 6), source=stall.source, note=stall.note, **extra)
 
-def _threads_from_faulthandler(stacks: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    known = _frames.threads_info()
-    return [_frames.thread_entry(ident, stack, known) for ident, stack in sorted(stacks.items())]
+    def _count_slow(self, probe: LoopProbe, stall: Stall | None, duration: float) -> None:
+        """A loop whose slow callbacks its clock does not count itself (uvloop, the beat fallback): a long
+        stretch is its slow callback, named after the task step seen running mid-stall, if it was seen."""
+        info = dict(stall.task) if stall is not None and stall.task else {"what": "stall", "label": UNATTRIBUTED}
+        culprit = _location(stall.culprit) if stall is not None else None
+        self._slow.record(SlowCallback(probe.label, duration, info.pop("label"), info.pop("what"),
+                                       culprit=culprit, **info))
 
 
-def _frames_location(entry: dict[str, Any] | None) -> str | None:
+def _location(entry: dict[str, Any] | None) -> str | None:
     if not entry:
         return None
     return f"{entry['filename']}:{entry['lineno']} in {entry['function']}"
+

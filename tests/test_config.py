@@ -16,10 +16,11 @@ def test_defaults() -> None:
     options = resolve({}, environ={})
     assert options.namespace == "loopwatch"
     assert options.lag_thresholds == (0.5, 2.0, 10.0)
-    assert options.probe_interval == 0.5
+    assert options.probe_interval == 1.0
     assert options.metrics_port == 9320
     assert options.dump_keep == 20
     assert options.faulthandler is True
+    assert options.accelerator is True
     assert options.dump_threshold == 0.5
     assert options.gil_probe_interval == 1.0
     assert options.executor_wait_threshold == 0.5
@@ -49,6 +50,7 @@ def test_design_example_message() -> None:
     ("dump_cooldown", -1, r"^dump_cooldown must be seconds between 0 and 86400, got -1$"),
     ("dump_keep", 1.5, r"^dump_keep must be an integer between 0 and 100000 \(0 = no dumps\), got 1\.5$"),
     ("faulthandler", "maybe", r"^faulthandler must be a boolean \(true/false, 1/0, yes/no, on/off\), got 'maybe'$"),
+    ("accelerator", 2, r"^accelerator must be a boolean \(true/false, 1/0, yes/no, on/off\), got 2$"),
     ("gil_probe_interval", 0.001, r"^gil_probe_interval must be seconds between 0\.01 and 60, or 0 to turn the GIL probe off, got 0\.001$"),
     ("gil_probe_interval", "often", r"^gil_probe_interval must be seconds between 0\.01 and 60, or 0 to turn the GIL probe off, got 'often'$"),
     ("executor_wait_threshold", 0, r"^executor_wait_threshold must be seconds between 0\.001 and 3600, got 0$"),

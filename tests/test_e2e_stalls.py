@@ -123,16 +123,10 @@ def faulthandler_location(name: str, lineno: int, function: str) -> str:
 
 
 def loop_thread_block(text: str) -> str:
-    """The part of an in-flight file that holds the loop thread's stack (the header names it)."""
+    """The stacks in an in-flight file: the loop thread (the header names it) writes its own, on a signal."""
     header = re.match(r"# loopwatch in-flight pid=\d+ created=\d+ loop_thread=(0x[0-9a-f]+) ", text)
     assert header, text[:300]
-    ident = int(header.group(1), 16)
-    blocks = re.split(r"(?m)^(?=(?:Current thread|Thread) 0x)", text)
-    for block in blocks:
-        head = re.match(r"(?:Current thread|Thread) (0x[0-9a-fA-F]+)", block)
-        if head and int(head.group(1), 16) == ident:
-            return block
-    return ""
+    return text.split("\n", 1)[1] if text.count("Stack (most recent call first):") else ""
 
 
 # -- 1. blocking stall, GIL released ------------------------------------------------------------
@@ -164,7 +158,7 @@ def test_blocking_stall_is_measured_and_dumped_while_it_lasts(app_runner: Runner
     assert dump["source"] == "watchdog"
     assert dump["kind"] == "blocked", dump
     assert dump["loop"] == "main"
-    assert dump["stall_seconds"] >= 0.3
+    assert 0.3 <= dump["stall_seconds"] <= 0.35  # taken as the stall crossed the threshold
     assert dump["service"] == "stall-app"
     assert dump["pid"] == app.proc.pid
     check_culprit(dump, name, stall_line, "fetch_rows")
@@ -259,10 +253,9 @@ def test_gil_held_stall_is_written_by_faulthandler_during_the_stall(app_runner: 
     assert dump["reason"] == "event_loop_lag"
     assert dump["source"] == "faulthandler"
     assert dump["kind"] == "cpu", dump
-    from loopwatch._native import FALLBACK_AFTER
-
-    # faulthandler fires FALLBACK_AFTER past the threshold: the Python watchdog could not run (GIL held)
-    assert dump["stall_seconds"] == pytest.approx(0.3 + FALLBACK_AFTER)
+    # The watchdog could not run (GIL held): the loop thread wrote its own stack on the fallback timer's
+    # signal, no later than half a second after the stall crossed the threshold.
+    assert 0.3 <= dump["stall_seconds"] <= 0.3 + 0.5, dump["stall_seconds"]
     check_culprit(dump, name, stall_line, "match_order_id")
     for file in (path, path.with_suffix(".txt")):
         assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
@@ -345,9 +338,10 @@ def test_cooldown_allows_one_dump_but_every_stall_is_counted(app_runner: Runner,
 
 
 def test_stalls_that_release_the_gil_never_crash_the_app_while_threads_run_python(app_runner, tmp_path):
-    """faulthandler walks every thread's frames without the GIL: if its timer fired during stalls like these
-    (GIL released, threads running Python), it could read a frame being pushed and kill the process with
-    SIGSEGV (seen about once in ten stalls).  The watchdog must handle them and cancel the timer first."""
+    """Stalls that release the GIL while other threads run Python and start threads: the watchdog takes
+    every stack itself.  (faulthandler's dump_traceback_later, used before, walked every thread's frames
+    without the GIL and crashed the process with SIGSEGV about once in ten such stalls; the fallback that
+    replaced it only ever lets the loop thread read its own frames.)"""
     stalls = 10
     dump_dir, stop = tmp_path / "dumps", tmp_path / "stop"
     app = app_runner("stall_churn", str(dump_dir), str(free_port()), str(stop), str(stalls))

@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 import structlog
 from conftest import APPS, collected, free_port, sample
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 import loopwatch
@@ -211,3 +212,21 @@ def test_nothing_is_imported_by_loopwatch_after_install_returns(app_runner, tmp_
     assert "DONE" in out, out
     assert [line for line in out.splitlines() if line.startswith("IMPORT ")] == [], out
     assert list(tmp_path.glob("loopwatch-*-event_loop_lag.json")), out  # the scenario did stall and dump
+
+
+def test_the_c_accelerator_is_built_here_and_the_pure_python_twin_is_selectable(registry, tmp_path: Path) -> None:
+    """The README's setup builds loopwatch/_accel.c; tests run both paths (LOOPWATCH_ACCELERATOR=0 for the twin)."""
+    from loopwatch import _iteration
+
+    assert _iteration.ACCELERATED, "loopwatch._accel was not built: the setup step must compile it"
+    for accelerator, clock_type in ((True, "PollClock"), (False, "PySelectClock")):
+        agent = loopwatch.install(registry=CollectorRegistry(), metrics_port=0, dump_dir=tmp_path,
+                                  accelerator=accelerator)
+
+        async def main() -> str:
+            selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+            return type(selector._selector).__name__ if accelerator else selector.select.__qualname__
+
+        assert clock_type in asyncio.run(main())
+        assert agent.accelerated is accelerator
+        loopwatch.uninstall()

@@ -1,5 +1,5 @@
 """GIL-held stall: catastrophic ``re`` backtracking calibrated to last about ``argv[4]`` seconds.
-No Python thread runs during it; only faulthandler's C thread can write the stack."""
+No Python thread runs during it: the loop thread writes its own stack on the fallback timer's signal."""
 
 from __future__ import annotations
 

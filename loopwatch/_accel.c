@@ -1,0 +1,1071 @@
+/* loopwatch._accel: the parts of loopwatch that run on every loop iteration or every garbage
+ * collection, in C.  Each has a pure-Python twin (loopwatch/_iteration.py, loopwatch/_gc.py) with the
+ * same behaviour; loopwatch uses this module when it was built (``option accelerator``).
+ *
+ * PollClock    stands in for the epoll/poll object of a stdlib selector: the loop's iteration clock.  It
+ *              stamps when each busy stretch began (the moment the poll for I/O returned), sums busy
+ *              time, and calls back with (start, end) for every stretch at least ``threshold`` long.
+ * SelectClock  the same, wrapping a selector's select() (for the selectors without such an object).
+ * UvClock      the same for uvloop, through libuv prepare and check handles on the loop's uv_loop_t
+ *              (uvloop.loop.libuv_get_loop_t_ptr); libuv's functions are looked up in uvloop's own
+ *              extension module.  Its callbacks run without the GIL: finished long stretches go to a
+ *              ring that Python drains.
+ * GcWatch      a gc.callbacks entry: when each collection ran, its generation, on which thread.
+ *
+ * Times are CLOCK_MONOTONIC nanoseconds, the clock of time.monotonic().
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <dlfcn.h>
+#include <stddef.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static inline int64_t
+mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static PyObject *zero_int;  /* the small int 0 (a singleton): asyncio's select(0) */
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Park: lets the watchdog sleep while every loop waits for I/O                                    */
+/* ---------------------------------------------------------------------------------------------- */
+/* A watchdog that looks every SAMPLE_AT of the threshold costs a wake-up each time, even while the
+ * loops are idle.  When it finds them idle it *parks*: it sleeps on a timerfd that the loops arm.  While
+ * parked, each busy stretch arms that timerfd (and the fallback's signal timer) to fire when the stretch
+ * would need a look, and disarms them when it ends: a short stretch (a timer, a request) costs two or
+ * four system calls and no wake-up; a long one wakes the watchdog exactly when it should look.  After
+ * ``max_stretches`` stretches the loop is busy, not idle: the watchdog is poked awake and polls again. */
+
+#include <sys/timerfd.h>
+#include <unistd.h>
+
+typedef struct {
+    PyObject_HEAD
+    int parked;
+    int armed;              /* this park armed the timers for the stretch in progress */
+    int stretches;          /* stretches since parking */
+    int max_stretches;
+    int timerfd;            /* the watchdog sleeps on it */
+    int poke_fd;            /* writing to it wakes the watchdog */
+    int64_t delay;          /* ns after a stretch began that the watchdog must look */
+    int64_t signal_delay;   /* ns after a stretch began that the fallback's signal fires, then every repeat */
+    int64_t repeat;
+    int64_t due;            /* ns: when the armed timerfd fires (0: not armed) */
+    timer_t signal_timer;
+    int has_signal_timer;
+} Park;
+
+static void
+set_timerfd(int fd, int64_t at)
+{
+    struct itimerspec spec = {{0, 0}, {at / 1000000000LL, at % 1000000000LL}};
+    timerfd_settime(fd, at ? TFD_TIMER_ABSTIME : 0, &spec, NULL);
+}
+
+static void
+set_signal_timer(Park *park, int64_t at)
+{
+    if (!park->has_signal_timer) {
+        return;
+    }
+    int64_t repeat = at ? park->repeat : 0;
+    struct itimerspec spec = {{repeat / 1000000000LL, repeat % 1000000000LL},
+                              {at / 1000000000LL, at % 1000000000LL}};
+    timer_settime(park->signal_timer, at ? TIMER_ABSTIME : 0, &spec, NULL);
+}
+
+static void
+park_stretch_began(Park *park, int64_t now)
+{
+    if (++park->stretches > park->max_stretches) {  /* busy, not idle: the watchdog polls again */
+        park->parked = 0;
+        char byte = 0;
+        if (write(park->poke_fd, &byte, 1) < 0) {
+            /* the pipe is full: the watchdog is being woken anyway */
+        }
+        return;
+    }
+    park->due = now + park->delay;
+    set_timerfd(park->timerfd, park->due);
+    set_signal_timer(park, now + park->signal_delay);
+    park->armed = 1;
+}
+
+static void
+park_stretch_ended(Park *park)
+{
+    set_timerfd(park->timerfd, 0);
+    set_signal_timer(park, 0);
+    park->armed = 0;
+}
+
+static int
+park_init(Park *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"poke_fd", "max_stretches", NULL};
+    int poke_fd, max_stretches = 10;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|i", kwlist, &poke_fd, &max_stretches)) {
+        return -1;
+    }
+    if (self->timerfd > 0) {
+        close(self->timerfd);
+    }
+    self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+    if (self->timerfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->poke_fd = poke_fd;
+    self->max_stretches = max_stretches;
+    return 0;
+}
+
+static void
+park_dealloc(Park *self)
+{
+    if (self->timerfd > 0) {
+        close(self->timerfd);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+park_park(Park *self, PyObject *args)
+{
+    /* park(delay, signal_delay, repeat, signal_timer or None): the watchdog is about to sleep. */
+    double delay, signal_delay, repeat;
+    PyObject *timer;
+    if (!PyArg_ParseTuple(args, "dddO", &delay, &signal_delay, &repeat, &timer)) {
+        return NULL;
+    }
+    self->delay = (int64_t)(delay * 1e9);
+    self->signal_delay = (int64_t)(signal_delay * 1e9);
+    self->repeat = (int64_t)(repeat * 1e9);
+    self->has_signal_timer = timer != Py_None;
+    if (self->has_signal_timer) {
+        void *value = PyLong_AsVoidPtr(timer);
+        if (value == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        self->signal_timer = (timer_t)value;
+    }
+    self->stretches = 0;
+    self->armed = 0;
+    self->parked = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+park_unpark(Park *self, PyObject *Py_UNUSED(ignored))
+{
+    /* The watchdog woke up: it looks, and re-arms the fallback itself from now on. */
+    int was = self->parked;
+    self->parked = 0;
+    if (self->armed) {
+        set_timerfd(self->timerfd, 0);
+        self->armed = 0;
+    }
+    uint64_t expirations;
+    while (read(self->timerfd, &expirations, sizeof expirations) > 0) {
+    }
+    return PyBool_FromLong(was);
+}
+
+static PyObject *
+park_began(Park *self, PyObject *arg)
+{
+    /* For the pure-Python clocks: a stretch began at ``arg`` seconds (while parked). */
+    double at = PyFloat_AsDouble(arg);
+    if (at == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (self->parked) {
+        park_stretch_began(self, (int64_t)(at * 1e9));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+park_ended(Park *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->parked && self->armed) {
+        park_stretch_ended(self);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+park_get_parked(Park *self, void *closure)
+{
+    return PyBool_FromLong(self->parked);
+}
+
+static PyObject *
+park_get_due(Park *self, void *closure)
+{
+    if (!self->armed) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(self->due / 1e9);
+}
+
+static PyObject *
+park_get_fileno(Park *self, void *closure)
+{
+    return PyLong_FromLong(self->timerfd);
+}
+
+static PyMethodDef park_methods[] = {
+    {"park", (PyCFunction)park_park, METH_VARARGS, "park(delay, signal_delay, repeat, signal_timer)"},
+    {"unpark", (PyCFunction)park_unpark, METH_NOARGS, "the watchdog woke up; True if it was parked"},
+    {"began", (PyCFunction)park_began, METH_O, "a stretch began at this time (pure-Python clocks)"},
+    {"ended", (PyCFunction)park_ended, METH_NOARGS, "the stretch ended (pure-Python clocks)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef park_getset[] = {
+    {"parked", (getter)park_get_parked, NULL, "the watchdog is parked", NULL},
+    {"timerfd", (getter)park_get_fileno, NULL, "the timerfd the watchdog sleeps on", NULL},
+    {"due", (getter)park_get_due, NULL, "when the armed timerfd fires (monotonic s), or None", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ParkType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.Park",
+    .tp_doc = "Park(poke_fd, max_stretches=10): the watchdog's parking (see _accel.c).",
+    .tp_basicsize = sizeof(Park),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)park_init,
+    .tp_dealloc = (destructor)park_dealloc,
+    .tp_methods = park_methods,
+    .tp_getset = park_getset,
+};
+
+/* ---------------------------------------------------------------------------------------------- */
+/* SelectClock                                                                                     */
+/* ---------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *original;   /* the selector's bound select */
+    PyObject *on_long;    /* on_long(start, end): a stretch >= threshold ended (loop thread) */
+    PyObject *clock;      /* tests: a Python clock in seconds instead of CLOCK_MONOTONIC, or NULL */
+    int64_t threshold;    /* ns */
+    int64_t start;        /* ns: when the busy stretch in progress began; 0 while select() waits */
+    int64_t busy;         /* ns: busy time so far */
+    Park *park;           /* the watchdog's parking, or NULL */
+    vectorcallfunc vectorcall;
+} SelectClock;
+
+static int64_t
+sc_now(SelectClock *self)
+{
+    if (self->clock == NULL) {
+        return mono_ns();
+    }
+    PyObject *value = PyObject_CallNoArgs(self->clock);
+    if (value == NULL) {
+        PyErr_Clear();
+        return mono_ns();
+    }
+    double seconds = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    if (seconds == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return mono_ns();
+    }
+    return (int64_t)(seconds * 1e9 + (seconds >= 0 ? 0.5 : -0.5));
+}
+
+static void
+sc_long(SelectClock *self, int64_t start, int64_t end)
+{
+    /* Never raises into the loop; keeps an exception already set (select() failed) as it is. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *raised = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+#endif
+    PyObject *result = PyObject_CallFunction(self->on_long, "dd", start / 1e9, end / 1e9);
+    if (result == NULL) {
+        PyErr_Clear();
+    }
+    Py_XDECREF(result);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(raised);
+#else
+    PyErr_Restore(type, value, tb);
+#endif
+}
+
+static PyObject *
+sc_timed(SelectClock *self, PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    /* Call ``callable`` (the wait for I/O) and time the busy stretches around it. */
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    int zero = 0;
+    if (nargs >= 1 && (kwnames == NULL || nargs > PyTuple_GET_SIZE(kwnames))) {
+        PyObject *timeout = args[0];
+        zero = timeout == zero_int || (PyFloat_CheckExact(timeout) && PyFloat_AS_DOUBLE(timeout) == 0.0);
+    }
+    if (zero) {
+        /* Callbacks are ready: the poll does not wait, and its few microseconds count as busy. */
+        PyObject *result = PyObject_Vectorcall(callable, args, nargsf, kwnames);
+        int64_t now = sc_now(self);
+        int64_t start = self->start ? self->start : now;
+        self->start = now;
+        self->busy += now - start;
+        if (now - start >= self->threshold && result != NULL) {
+            sc_long(self, start, now);
+        }
+        return result;
+    }
+    int64_t now = sc_now(self);
+    int64_t start = self->start ? self->start : now;
+    self->busy += now - start;
+    self->start = 0;
+    Park *park = self->park;
+    if (park != NULL && park->parked && park->armed) {
+        park_stretch_ended(park);
+    }
+    if (now - start >= self->threshold) {
+        sc_long(self, start, now);
+    }
+    PyObject *result = PyObject_Vectorcall(callable, args, nargsf, kwnames);
+    self->start = sc_now(self);
+    if (park != NULL && park->parked) {
+        park_stretch_began(park, self->start);
+    }
+    return result;
+}
+
+static PyObject *
+sc_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    SelectClock *self = (SelectClock *)op;
+    return sc_timed(self, self->original, args, nargsf, kwnames);
+}
+
+static int
+sc_init(SelectClock *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"original", "threshold", "on_long", "clock", NULL};
+    PyObject *original, *on_long, *clock = Py_None;
+    double threshold;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OdO|O", kwlist, &original, &threshold, &on_long, &clock)) {
+        return -1;
+    }
+    Py_INCREF(original);
+    Py_XSETREF(self->original, original);
+    Py_INCREF(on_long);
+    Py_XSETREF(self->on_long, on_long);
+    if (clock != Py_None) {
+        Py_INCREF(clock);
+        Py_XSETREF(self->clock, clock);
+    }
+    self->threshold = threshold >= 9e18 / 1e9 ? INT64_MAX : (int64_t)(threshold * 1e9);
+    self->busy = 0;
+    self->start = sc_now(self);
+    self->vectorcall = sc_vectorcall;
+    return 0;
+}
+
+static int
+sc_traverse(SelectClock *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->original);
+    Py_VISIT(self->on_long);
+    Py_VISIT(self->clock);
+    Py_VISIT(self->park);
+    return 0;
+}
+
+static int
+sc_clear(SelectClock *self)
+{
+    Py_CLEAR(self->original);
+    Py_CLEAR(self->on_long);
+    Py_CLEAR(self->clock);
+    Py_CLEAR(self->park);
+    return 0;
+}
+
+static void
+sc_dealloc(SelectClock *self)
+{
+    PyObject_GC_UnTrack(self);
+    sc_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+sc_read(SelectClock *self, PyObject *Py_UNUSED(ignored))
+{
+    /* (busy seconds so far, start of the stretch in progress in seconds, or None while waiting) */
+    int64_t start = self->start;
+    if (start == 0) {
+        return Py_BuildValue("(dO)", self->busy / 1e9, Py_None);
+    }
+    return Py_BuildValue("(dd)", self->busy / 1e9, start / 1e9);
+}
+
+static PyObject *
+sc_restart(SelectClock *self, PyObject *arg)
+{
+    /* A new busy stretch from now; a true argument counts the one so far as busy (the loop stops
+     * running), a false one does not (the loop starts running again after a pause). */
+    int count = PyObject_IsTrue(arg);
+    if (count < 0) {
+        return NULL;
+    }
+    int64_t now = sc_now(self);
+    if (count && self->start != 0) {
+        self->busy += now - self->start;
+    }
+    self->start = now;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+sc_get_original(SelectClock *self, void *closure)
+{
+    return Py_NewRef(self->original);
+}
+
+static PyObject *
+sc_get_park(SelectClock *self, void *closure)
+{
+    return Py_NewRef(self->park ? (PyObject *)self->park : Py_None);
+}
+
+static int
+sc_set_park(SelectClock *self, PyObject *value, void *closure)
+{
+    if (value != NULL && value != Py_None && !PyObject_TypeCheck(value, &ParkType)) {
+        PyErr_SetString(PyExc_TypeError, "park must be a loopwatch._accel.Park or None");
+        return -1;
+    }
+    Py_XSETREF(self->park, value == NULL || value == Py_None ? NULL : (Park *)Py_NewRef(value));
+    return 0;
+}
+
+static PyMethodDef sc_methods[] = {
+    {"read", (PyCFunction)sc_read, METH_NOARGS, "(busy seconds, start of the busy stretch or None)"},
+    {"restart", (PyCFunction)sc_restart, METH_O, "start a new busy stretch now; True: count the last one"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef sc_getset[] = {
+    {"original", (getter)sc_get_original, NULL, "the wrapped select", NULL},
+    {"park", (getter)sc_get_park, (setter)sc_set_park, "the watchdog's parking, or None", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SelectClockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.SelectClock",
+    .tp_doc = "SelectClock(original, threshold, on_long, clock=None): a timing select() wrapper.",
+    .tp_basicsize = sizeof(SelectClock),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(SelectClock, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)sc_init,
+    .tp_dealloc = (destructor)sc_dealloc,
+    .tp_traverse = (traverseproc)sc_traverse,
+    .tp_clear = (inquiry)sc_clear,
+    .tp_methods = sc_methods,
+    .tp_getset = sc_getset,
+};
+
+/* ---------------------------------------------------------------------------------------------- */
+/* PollClock: stands in for an epoll/poll object inside a stdlib selector                          */
+/* ---------------------------------------------------------------------------------------------- */
+/* EpollSelector.select() (and PollSelector's, DevpollSelector's) is Python code around one C call,
+ * ``self._selector.poll(...)``.  Putting this object in ``_selector`` times that call from C to C: the
+ * Python select() keeps running inline in asyncio's frame.  (A C wrapper around select() itself makes
+ * CPython enter a new evaluation loop for it on every iteration: ~1,000 instructions.)  The other
+ * methods selectors call (register, modify, unregister, close, fileno) are the real object's. */
+
+typedef struct {
+    SelectClock clock;    /* ``original`` is the real object's bound poll */
+    PyObject *target;     /* the real epoll/poll object */
+} PollClock;
+
+static PyObject *
+pc_poll(PollClock *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return sc_timed(&self->clock, self->clock.original, args, (size_t)nargs, kwnames);
+}
+
+static int
+pc_init(PollClock *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"target", "threshold", "on_long", "clock", NULL};
+    PyObject *target, *on_long, *clock = Py_None;
+    double threshold;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OdO|O", kwlist, &target, &threshold, &on_long, &clock)) {
+        return -1;
+    }
+    PyObject *poll = PyObject_GetAttrString(target, "poll");
+    if (poll == NULL) {
+        return -1;
+    }
+    PyObject *sc_args = Py_BuildValue("(NdOO)", poll, threshold, on_long, clock);
+    if (sc_args == NULL) {
+        return -1;
+    }
+    int rc = sc_init(&self->clock, sc_args, NULL);
+    Py_DECREF(sc_args);
+    if (rc < 0) {
+        return -1;
+    }
+    Py_INCREF(target);
+    Py_XSETREF(self->target, target);
+    return 0;
+}
+
+/* The other methods selectors call on their epoll/poll object, forwarded.  Explicit methods (no
+ * tp_getattro): CPython's fast method lookup only works with the generic attribute lookup. */
+static PyObject *
+pc_forward(PollClock *self, const char *name, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *method = PyObject_GetAttrString(self->target, name);
+    if (method == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_Vectorcall(method, args, (size_t)nargs, kwnames);
+    Py_DECREF(method);
+    return result;
+}
+
+#define FORWARD(name) \
+    static PyObject *pc_##name(PollClock *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) \
+    { return pc_forward(self, #name, args, nargs, kwnames); }
+FORWARD(register)
+FORWARD(modify)
+FORWARD(unregister)
+FORWARD(close)
+FORWARD(fileno)
+#undef FORWARD
+
+static PyObject *
+pc_get_closed(PollClock *self, void *closure)
+{
+    return PyObject_GetAttrString(self->target, "closed");
+}
+
+static int
+pc_traverse(PollClock *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->target);
+    return sc_traverse(&self->clock, visit, arg);
+}
+
+static int
+pc_clear(PollClock *self)
+{
+    Py_CLEAR(self->target);
+    return sc_clear(&self->clock);
+}
+
+static void
+pc_dealloc(PollClock *self)
+{
+    PyObject_GC_UnTrack(self);
+    pc_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+pc_get_target(PollClock *self, void *closure)
+{
+    return Py_NewRef(self->target);
+}
+
+#define FORWARDED(name) {#name, (PyCFunction)(void (*)(void))pc_##name, METH_FASTCALL | METH_KEYWORDS, "the real " #name "()"}
+static PyMethodDef pc_methods[] = {
+    {"poll", (PyCFunction)(void (*)(void))pc_poll, METH_FASTCALL | METH_KEYWORDS, "the real poll(), timed"},
+    FORWARDED(register),
+    FORWARDED(modify),
+    FORWARDED(unregister),
+    FORWARDED(close),
+    FORWARDED(fileno),
+    {"read", (PyCFunction)sc_read, METH_NOARGS, "(busy seconds, start of the busy stretch or None)"},
+    {"restart", (PyCFunction)sc_restart, METH_O, "start a new busy stretch now; True: count the last one"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *
+pc_get_park(PollClock *self, void *closure)
+{
+    return sc_get_park(&self->clock, closure);
+}
+
+static int
+pc_set_park(PollClock *self, PyObject *value, void *closure)
+{
+    return sc_set_park(&self->clock, value, closure);
+}
+
+static PyGetSetDef pc_getset[] = {
+    {"target", (getter)pc_get_target, NULL, "the real epoll/poll object", NULL},
+    {"park", (getter)pc_get_park, (setter)pc_set_park, "the watchdog's parking, or None", NULL},
+    {"closed", (getter)pc_get_closed, NULL, "the real object's closed", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PollClockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.PollClock",
+    .tp_doc = "PollClock(target, threshold, on_long, clock=None): an epoll/poll object whose poll() is timed.",
+    .tp_basicsize = sizeof(PollClock),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)pc_init,
+    .tp_dealloc = (destructor)pc_dealloc,
+    .tp_traverse = (traverseproc)pc_traverse,
+    .tp_clear = (inquiry)pc_clear,
+    .tp_methods = pc_methods,
+    .tp_getset = pc_getset,
+};
+
+/* ---------------------------------------------------------------------------------------------- */
+/* UvClock: libuv prepare/check handles on a uvloop loop                                           */
+/* ---------------------------------------------------------------------------------------------- */
+
+#define UV_CHECK_TYPE 2    /* uv_handle_type values, stable across libuv 1.x */
+#define UV_PREPARE_TYPE 9
+#define RING 64
+
+typedef void (*uv_cb)(void *handle);
+typedef int (*uv_init_fn)(void *loop, void *handle);
+typedef int (*uv_start_fn)(void *handle, uv_cb cb);
+typedef void (*uv_unref_fn)(void *handle);
+typedef void (*uv_close_fn)(void *handle, uv_cb close_cb);
+typedef size_t (*uv_handle_size_fn)(int type);
+typedef uint64_t (*uv_now_fn)(const void *loop);
+
+static struct {
+    int ready;
+    uv_init_fn check_init, prepare_init;
+    uv_start_fn check_start, prepare_start;
+    uv_unref_fn unref;
+    uv_close_fn close;
+    uv_handle_size_fn handle_size;
+    uv_now_fn now;
+} uv;
+
+typedef struct uvstate {
+    void *loop;
+    int64_t threshold;
+    _Atomic int64_t start;       /* ns: the stretch in progress began (not in the poll phase) */
+    _Atomic int in_poll;         /* between prepare (about to poll for I/O) and check (after it) */
+    _Atomic int64_t poll_entry;  /* ns: when the poll phase began */
+    _Atomic int64_t busy;        /* ns */
+    _Atomic uint64_t head;       /* ring of finished long stretches, written by the loop thread */
+    uint64_t tail;               /* read under the GIL by drain() */
+    int64_t ring[RING][2];
+    int open_handles;
+    void *check;
+    void *prepare;
+} uvstate;
+
+static uvstate *
+container(void *handle)
+{
+    /* Each handle is allocated with a pointer to its state just before it. */
+    return *((uvstate **)handle - 1);
+}
+
+static void
+uv_push(uvstate *st, int64_t start, int64_t end)
+{
+    uint64_t head = atomic_load_explicit(&st->head, memory_order_relaxed);
+    st->ring[head % RING][0] = start;
+    st->ring[head % RING][1] = end;
+    atomic_store_explicit(&st->head, head + 1, memory_order_release);
+}
+
+static void
+on_prepare(void *handle)
+{
+    uvstate *st = container(handle);
+    int64_t now = mono_ns();
+    int64_t start = atomic_load_explicit(&st->start, memory_order_relaxed);
+    atomic_fetch_add_explicit(&st->busy, now - start, memory_order_relaxed);
+    if (now - start >= st->threshold) {
+        uv_push(st, start, now);
+    }
+    atomic_store_explicit(&st->poll_entry, now, memory_order_relaxed);
+    atomic_store_explicit(&st->in_poll, 1, memory_order_release);
+}
+
+static void
+on_check(void *handle)
+{
+    uvstate *st = container(handle);
+    int64_t entry = atomic_load_explicit(&st->poll_entry, memory_order_relaxed);
+    /* libuv updates the loop's time (ms) right after epoll returns: I/O callbacks ran since then. */
+    int64_t returned = (int64_t)uv.now(st->loop) * 1000000LL;
+    atomic_store_explicit(&st->start, returned > entry ? returned : entry, memory_order_relaxed);
+    atomic_store_explicit(&st->in_poll, 0, memory_order_release);
+}
+
+static void
+on_closed(void *handle)
+{
+    uvstate *st = container(handle);
+    free((uvstate **)handle - 1);
+    if (--st->open_handles == 0) {
+        free(st);
+    }
+}
+
+typedef struct {
+    PyObject_HEAD
+    uvstate *st;
+} UvClock;
+
+static int
+uv_resolve(const char *path)
+{
+    if (uv.ready) {
+        return 0;
+    }
+    void *lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (lib == NULL) {
+        PyErr_Format(PyExc_OSError, "uvloop's module is not loaded: %s", dlerror());
+        return -1;
+    }
+#define RESOLVE(field, name) \
+    *(void **)(&uv.field) = dlsym(lib, name); \
+    if (uv.field == NULL) { \
+        PyErr_Format(PyExc_OSError, "uvloop's module does not export libuv's %s", name); \
+        return -1; \
+    }
+    RESOLVE(check_init, "uv_check_init");
+    RESOLVE(check_start, "uv_check_start");
+    RESOLVE(prepare_init, "uv_prepare_init");
+    RESOLVE(prepare_start, "uv_prepare_start");
+    RESOLVE(unref, "uv_unref");
+    RESOLVE(close, "uv_close");
+    RESOLVE(handle_size, "uv_handle_size");
+    RESOLVE(now, "uv_now");
+#undef RESOLVE
+    uv.ready = 1;
+    return 0;
+}
+
+static void *
+uv_new_handle(uvstate *st, int type)
+{
+    size_t size = uv.handle_size(type);
+    void **block = calloc(1, sizeof(void *) + size);  /* zeroed: handle->data is NULL */
+    if (block == NULL) {
+        return NULL;
+    }
+    block[0] = st;
+    return block + 1;
+}
+
+static int
+uvc_init(UvClock *self, PyObject *args, PyObject *kwds)
+{
+    /* UvClock(capsule, uvloop_module_path, threshold): must be called in the loop's thread while it
+     * runs (libuv is not thread-safe); the handles do not keep the loop alive. */
+    static char *kwlist[] = {"capsule", "library", "threshold", NULL};
+    PyObject *capsule;
+    const char *path;
+    double threshold;
+    if (self->st != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "UvClock already started");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Osd", kwlist, &capsule, &path, &threshold)) {
+        return -1;
+    }
+    void *loop = PyCapsule_GetPointer(capsule, NULL);
+    if (loop == NULL || uv_resolve(path) < 0) {
+        return -1;
+    }
+    uvstate *st = calloc(1, sizeof(uvstate));
+    if (st == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    st->loop = loop;
+    st->threshold = threshold >= 9e18 / 1e9 ? INT64_MAX : (int64_t)(threshold * 1e9);
+    st->start = mono_ns();
+    st->check = uv_new_handle(st, UV_CHECK_TYPE);
+    st->prepare = uv_new_handle(st, UV_PREPARE_TYPE);
+    if (st->check == NULL || st->prepare == NULL) {
+        free(st->check ? (void **)st->check - 1 : NULL);
+        free(st->prepare ? (void **)st->prepare - 1 : NULL);
+        free(st);
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (uv.check_init(loop, st->check) != 0) {
+        free((void **)st->check - 1);
+        free((void **)st->prepare - 1);
+        free(st);
+        PyErr_SetString(PyExc_OSError, "uv_check_init failed");
+        return -1;
+    }
+    if (uv.prepare_init(loop, st->prepare) != 0) {
+        free((void **)st->prepare - 1);
+        st->open_handles = 1;
+        uv.close(st->check, on_closed);  /* libuv frees it at the loop's next run */
+        PyErr_SetString(PyExc_OSError, "uv_prepare_init failed");
+        return -1;
+    }
+    st->open_handles = 2;
+    uv.check_start(st->check, on_check);
+    uv.prepare_start(st->prepare, on_prepare);
+    uv.unref(st->check);
+    uv.unref(st->prepare);
+    self->st = st;
+    return 0;
+}
+
+static PyObject *
+uvc_state(UvClock *self, PyObject *Py_UNUSED(ignored))
+{
+    /* (in_poll, stretch start, poll entry, the loop's time (ms resolution), busy), in seconds */
+    uvstate *st = self->st;
+    if (st == NULL) {
+        Py_RETURN_NONE;
+    }
+    int in_poll = atomic_load_explicit(&st->in_poll, memory_order_acquire);
+    return Py_BuildValue("(Odddd)", in_poll ? Py_True : Py_False,
+                         atomic_load_explicit(&st->start, memory_order_relaxed) / 1e9,
+                         atomic_load_explicit(&st->poll_entry, memory_order_relaxed) / 1e9,
+                         (double)uv.now(st->loop) / 1e3,
+                         atomic_load_explicit(&st->busy, memory_order_relaxed) / 1e9);
+}
+
+static PyObject *
+uvc_drain(UvClock *self, PyObject *Py_UNUSED(ignored))
+{
+    /* The long stretches that ended since the last call: [(start, end), ...] in seconds. */
+    uvstate *st = self->st;
+    PyObject *out = PyList_New(0);
+    if (st == NULL || out == NULL) {
+        return out;
+    }
+    uint64_t head = atomic_load_explicit(&st->head, memory_order_acquire);
+    if (head - st->tail > RING) {
+        st->tail = head - RING;  /* overrun: the oldest are lost */
+    }
+    for (; st->tail < head; st->tail++) {
+        PyObject *item = Py_BuildValue("(dd)", st->ring[st->tail % RING][0] / 1e9,
+                                       st->ring[st->tail % RING][1] / 1e9);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+static PyObject *
+uvc_close(UvClock *self, PyObject *Py_UNUSED(ignored))
+{
+    /* Close the handles (in the loop's thread, the loop not running): libuv frees them at its next run,
+     * which uvloop's close() does before it closes the loop. */
+    uvstate *st = self->st;
+    if (st != NULL) {
+        self->st = NULL;
+        uv.close(st->check, on_closed);
+        uv.close(st->prepare, on_closed);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef uvc_methods[] = {
+    {"state", (PyCFunction)uvc_state, METH_NOARGS, "(in_poll, start, poll_entry, loop_time, busy)"},
+    {"drain", (PyCFunction)uvc_drain, METH_NOARGS, "finished long stretches [(start, end)]"},
+    {"close", (PyCFunction)uvc_close, METH_NOARGS, "close the libuv handles (loop thread)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject UvClockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.UvClock",
+    .tp_doc = "UvClock(capsule, library, threshold): uvloop's iteration clock (libuv prepare/check).",
+    .tp_basicsize = sizeof(UvClock),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)uvc_init,
+    .tp_methods = uvc_methods,
+};
+
+/* ---------------------------------------------------------------------------------------------- */
+/* GcWatch: a gc.callbacks entry                                                                   */
+/* ---------------------------------------------------------------------------------------------- */
+
+#define GC_RING 64
+
+typedef struct {
+    PyObject_HEAD
+    int64_t min_ns;             /* passes shorter than this are not kept */
+    unsigned long thread;       /* the collection in progress: its thread, start and generation */
+    int64_t started;            /* 0: none in progress */
+    long generation;
+    uint64_t head;
+    struct { unsigned long thread; int64_t start, end; long generation; } ring[GC_RING];
+} GcWatch;
+
+static PyObject *generation_key;
+
+static PyObject *
+gc_call(GcWatch *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *phase, *info;
+    if (!PyArg_UnpackTuple(args, "GcWatch", 2, 2, &phase, &info)) {
+        return NULL;
+    }
+    const char *text = PyUnicode_Check(phase) ? PyUnicode_AsUTF8(phase) : NULL;
+    if (text == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    int64_t now = mono_ns();
+    if (text[2] == 'a') {  /* "start" */
+        PyObject *gen = PyDict_Check(info) ? PyDict_GetItemWithError(info, generation_key) : NULL;
+        self->generation = gen != NULL ? PyLong_AsLong(gen) : -1;
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+        }
+        self->thread = PyThread_get_thread_ident();
+        self->started = now;
+    }
+    else if (self->started != 0) {  /* "stop" */
+        if (now - self->started >= self->min_ns) {
+            uint64_t i = self->head++ % GC_RING;
+            self->ring[i].thread = self->thread;
+            self->ring[i].start = self->started;
+            self->ring[i].end = now;
+            self->ring[i].generation = self->generation;
+        }
+        self->started = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+gc_init(GcWatch *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"min_seconds", NULL};
+    double min_seconds = 0.001;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|d", kwlist, &min_seconds)) {
+        return -1;
+    }
+    self->min_ns = (int64_t)(min_seconds * 1e9);
+    return 0;
+}
+
+static PyObject *
+gc_passes(GcWatch *self, PyObject *Py_UNUSED(ignored))
+{
+    /* ([(thread, start, end, generation), ...] oldest first, (thread, start, generation) or None) */
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    uint64_t first = self->head > GC_RING ? self->head - GC_RING : 0;
+    for (uint64_t i = first; i < self->head; i++) {
+        PyObject *item = Py_BuildValue("(kddl)", self->ring[i % GC_RING].thread, self->ring[i % GC_RING].start / 1e9,
+                                       self->ring[i % GC_RING].end / 1e9, self->ring[i % GC_RING].generation);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    PyObject *current = self->started ? Py_BuildValue("(kdl)", self->thread, self->started / 1e9, self->generation)
+                                      : Py_NewRef(Py_None);
+    if (current == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", out, current);
+}
+
+static PyMethodDef gc_methods[] = {
+    {"passes", (PyCFunction)gc_passes, METH_NOARGS, "(recent passes, the one in progress or None)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject GcWatchType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopwatch._accel.GcWatch",
+    .tp_doc = "GcWatch(min_seconds=0.001): a gc.callbacks entry that times collections.",
+    .tp_basicsize = sizeof(GcWatch),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)gc_init,
+    .tp_call = (ternaryfunc)gc_call,
+    .tp_methods = gc_methods,
+};
+
+/* ---------------------------------------------------------------------------------------------- */
+
+static PyObject *
+accel_monotonic(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return PyFloat_FromDouble(mono_ns() / 1e9);
+}
+
+static PyMethodDef module_methods[] = {
+    {"monotonic", accel_monotonic, METH_NOARGS, "CLOCK_MONOTONIC in seconds (time.monotonic())"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef accel_module = {
+    PyModuleDef_HEAD_INIT, "loopwatch._accel", "loopwatch's compiled accelerator (see _accel.c).", -1,
+    module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__accel(void)
+{
+    zero_int = PyLong_FromLong(0);
+    generation_key = PyUnicode_InternFromString("generation");
+    if (zero_int == NULL || generation_key == NULL) {
+        return NULL;
+    }
+    if (PyType_Ready(&ParkType) < 0 || PyType_Ready(&SelectClockType) < 0 || PyType_Ready(&PollClockType) < 0 || PyType_Ready(&UvClockType) < 0 ||
+        PyType_Ready(&GcWatchType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&accel_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "SelectClock", (PyObject *)&SelectClockType) < 0 ||
+        PyModule_AddObjectRef(module, "PollClock", (PyObject *)&PollClockType) < 0 ||
+        PyModule_AddObjectRef(module, "Park", (PyObject *)&ParkType) < 0 ||
+        PyModule_AddObjectRef(module, "UvClock", (PyObject *)&UvClockType) < 0 ||
+        PyModule_AddObjectRef(module, "GcWatch", (PyObject *)&GcWatchType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,259 @@
+"""Stacks of stalls that hold the GIL: a kernel timer makes the loop thread write its own stack.
+
+When a C call holds the GIL for a whole stall (catastrophic ``re`` backtracking, a huge ``json.dumps``,
+a long garbage collection) no Python thread can run -- the watchdog included -- so nobody can call
+``sys._current_frames()``.  The watchdog therefore keeps a POSIX timer (``timer_create`` with
+``SIGEV_THREAD_ID``) armed a little after its own next look (``FALLBACK_AFTER``): when it looks, it runs,
+so it re-arms the timer further; when it cannot, the kernel delivers a real-time signal *to the loop
+thread*, whose handler -- ``faulthandler.register(signal, all_threads=False)``, C code that needs no GIL
+-- writes that thread's own Python stack into the in-flight file while the stall is still going on, and
+again every ``REPEAT`` seconds while it lasts.  After the stall the watchdog turns it into a dump.
+
+**Safe by construction**: the handler walks only the frames of the thread it interrupted, from inside
+that thread, so they cannot change while it reads them; it never reads another thread's frames.
+(``faulthandler.dump_traceback_later``, used before, walked every thread from its own thread without the
+GIL: safe only if nothing else ran Python at that moment -- a race that crashed processes -- and it started
+a thread on every re-arm.)  Re-arming is one ``timer_settime`` call, in the watchdog thread.
+
+One loop owns the fallback (the first attached; the next one when it closes): the signal's stack does
+not say which thread wrote it.  Off on free-threaded builds without the GIL, and where the platform has
+no ``timer_create`` with ``SIGEV_THREAD_ID`` (not Linux).  If the process dies mid-stall (a liveness probe
+kill), the next ``install()`` on the same ``dump_dir`` turns the leftover file into an
+``unfinished_stall`` dump.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import faulthandler
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+from . import _unpatched as _os
+from ._dumps import PREFIX
+
+INFLIGHT_PREFIX = f"{PREFIX}inflight-"
+FALLBACK_AFTER = 0.25  # seconds after the watchdog's next look: the signal fires if it could not look
+REPEAT = 0.5  # seconds between the stacks written while the stall lasts
+STACK_HEADER = "Stack (most recent call first):"
+_HEADER = re.compile(r"^# loopwatch in-flight pid=(\d+) created=(\d+) loop_thread=(0x[0-9a-f]+|none)"
+                     r"(?: probe_interval=[0-9.]+)? service=(.*)$")
+_CLOCK_MONOTONIC = 1
+_TIMER_ABSTIME = 1
+_SIGEV_THREAD_ID = 4
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+class _Sigevent(ctypes.Structure):  # glibc's struct sigevent, 64 bytes; the union's _tid at offset 16
+    _fields_ = [("sigev_value", ctypes.c_void_p), ("sigev_signo", ctypes.c_int), ("sigev_notify", ctypes.c_int),
+                ("tid", ctypes.c_int), ("_pad", ctypes.c_int * 11)]
+
+
+def _timer_api() -> tuple[object, object, object] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    for name in (ctypes.util.find_library("c") or "libc.so.6", ctypes.util.find_library("rt") or "librt.so.1"):
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+            create, settime, delete = lib.timer_create, lib.timer_settime, lib.timer_delete
+        except (OSError, AttributeError):
+            continue
+        create.argtypes = [ctypes.c_int, ctypes.POINTER(_Sigevent), ctypes.POINTER(ctypes.c_void_p)]
+        settime.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.c_void_p]
+        delete.argtypes = [ctypes.c_void_p]
+        return create, settime, delete
+    return None
+
+
+def inflight_name(pid: int, created_ms: int) -> str:
+    return f"{INFLIGHT_PREFIX}{pid}-{created_ms}.txt"
+
+
+def parse_header(text: str) -> dict[str, object] | None:
+    match = _HEADER.match(text.split("\n", 1)[0])
+    if not match:
+        return None
+    thread = match.group(3)
+    return {"pid": int(match.group(1)), "created_ms": int(match.group(2)),
+            "loop_thread": None if thread == "none" else int(thread, 16), "service": match.group(4)}
+
+
+def split_stacks(text: str) -> list[str]:
+    """The stacks the signal wrote, oldest first (each starts with ``STACK_HEADER``)."""
+    parts = text.split(STACK_HEADER)
+    return [STACK_HEADER + part for part in parts[1:] if part.strip()]
+
+
+def _free_signal() -> int | None:
+    """A real-time signal nobody handles (not one servers use: gunicorn takes USR1/USR2/HUP/TTIN/TTOU)."""
+    rtmax = getattr(signal, "SIGRTMAX", None)
+    if rtmax is None:
+        return None
+    for number in range(int(rtmax) - 3, int(rtmax) - 9, -1):
+        try:
+            if signal.getsignal(number) == signal.SIG_DFL:
+                return number
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+class GilHeldStacks:
+    """Owns the in-flight file, the signal handler and the owner loop's timer (see the module docstring)."""
+
+    def __init__(self, directory: Path, *, pid: int, created_ms: int, service: str) -> None:
+        self.path = directory / inflight_name(pid, created_ms)
+        self._pid = pid
+        self._created_ms = created_ms
+        self._service = service
+        self._fd: int | None = None
+        self._header_len = 0
+        self._api = None
+        self._timer: ctypes.c_void_p | None = None
+        self.signal: int | None = None
+        self.loop_thread: int | None = None  # threading ident of the owner loop's thread
+        self.armed_at: float | None = None  # when the timer fires first (monotonic), if armed
+
+    def open(self) -> str | None:
+        """Create the file and register the handler, and check that a signal writes a stack; returns
+        ``None`` if it all works, else why not (then nothing is left registered or open)."""
+        if not getattr(sys, "_is_gil_enabled", lambda: True)():
+            return "this interpreter runs without the GIL: no stall can hold it"
+        api = _timer_api()
+        number = _free_signal()
+        if api is None or number is None or not hasattr(faulthandler, "register"):
+            return "no POSIX timer with SIGEV_THREAD_ID or no free real-time signal on this platform"
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        self._fd = _os.open(self.path, flags, 0o600)
+        _os.fchmod(self._fd, 0o600)
+        self._write_header()
+        faulthandler.register(number, file=self._fd, all_threads=False, chain=False)
+        self._api, self.signal = api, number
+        why = self._self_test()
+        if why is not None:
+            self.close()
+        return why
+
+    def _self_test(self) -> str | None:
+        """A timer aimed at this thread, already due: the handler runs as timer_settime returns."""
+        why = self.watch(threading_native_id())
+        if why is not None:
+            return why
+        self._settime(1e-9, 0.0)
+        written = self.has_output()
+        self._stop_timer()
+        self.take()
+        return None if written else "the timer's signal did not make faulthandler write a stack"
+
+    def watch(self, native_id: int | None, ident: int | None = None) -> str | None:
+        """Aim the timer at thread ``native_id`` (the owner loop's); ``None`` stops it."""
+        self._stop_timer()
+        self.loop_thread = ident
+        self._write_header()
+        if native_id is None or self._api is None:
+            return None
+        create = self._api[0]
+        event = _Sigevent(sigev_signo=self.signal, sigev_notify=_SIGEV_THREAD_ID, tid=native_id)
+        timer = ctypes.c_void_p()
+        if create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer)) != 0:  # type: ignore[operator]
+            return f"timer_create failed: {os.strerror(ctypes.get_errno())}"
+        self._timer = timer
+        return None
+
+    @property
+    def timer_value(self) -> int | None:
+        """The owner loop's timer (a ``timer_t``) as an integer, for the C parking (``_accel.Park``)."""
+        return None if self._timer is None else self._timer.value
+
+    def arm(self, at: float) -> None:
+        """Fire at ``at`` (``time.monotonic()`` seconds), then every ``REPEAT`` s, until re-armed."""
+        if self._timer is not None:
+            self._settime(at, REPEAT)
+            self.armed_at = at
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._settime(0.0, 0.0)
+        self.armed_at = None
+
+    def _settime(self, at: float, interval: float) -> None:
+        spec = _Itimerspec()
+        spec.it_value.tv_sec, spec.it_value.tv_nsec = int(at), int((at - int(at)) * 1e9)
+        spec.it_interval.tv_sec, spec.it_interval.tv_nsec = int(interval), int((interval - int(interval)) * 1e9)
+        self._api[1](self._timer, _TIMER_ABSTIME if at else 0, ctypes.byref(spec), None)  # type: ignore[index, operator]
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        self.armed_at = None
+        if timer is not None and self._api is not None:
+            self._api[2](timer)  # type: ignore[index, operator]
+
+    def _write_header(self) -> None:
+        if self._fd is None:
+            return
+        thread = "none" if self.loop_thread is None else hex(self.loop_thread)
+        header = (f"# loopwatch in-flight pid={self._pid} created={self._created_ms} loop_thread={thread} "
+                  f"service={self._service}\n").encode()
+        _os.ftruncate(self._fd, 0)
+        _os.write(self._fd, header)
+        self._header_len = len(header)
+
+    def has_output(self) -> bool:
+        return self._fd is not None and _os.fstat(self._fd).st_size > self._header_len
+
+    def take(self) -> list[str]:
+        """The stacks written since the last call (oldest first); the file is reset to its header."""
+        if self._fd is None:
+            return []
+        size = _os.fstat(self._fd).st_size
+        if size <= self._header_len:
+            return []
+        data = _os.pread(self._fd, size, 0)  # through our own descriptor: works if dump_dir was removed
+        self._write_header()
+        return split_stacks(data[self._header_len:].decode("utf-8", "replace"))
+
+    def forget(self) -> None:
+        """In a forked child: the timer did not cross ``fork()``; unregister the handler (it would write to
+        the parent's file) and close this process's copy of the descriptor -- the file stays the parent's."""
+        self._timer = None
+        self.armed_at = None
+        if self.signal is not None:
+            faulthandler.unregister(self.signal)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                _os.close(fd)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Stop the timer, unregister the handler, close the file and remove it unless it holds a stack."""
+        self._stop_timer()
+        if self.signal is not None:
+            faulthandler.unregister(self.signal)
+            self.signal = None
+        if self._fd is None:
+            return
+        keep = self.has_output()
+        _os.close(self._fd)
+        self._fd = None
+        if not keep:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def threading_native_id() -> int:
+    return _os.get_native_id()
