@@ -60,7 +60,8 @@ READY_PREFIX = "READY "
 
 # Targets from DESIGN.md section 7.
 TARGET_STEP_RATIO = 1.02  # default install: <= 2% on the callback-heavy benchmark
-TARGET_IDLE_MS = 5.0  # idle app, scraped once a second: <= 5 ms of CPU per wall second
+TARGET_IDLE_MS = 3.0  # idle app, scraped once a second: <= 3 ms of CPU per wall second (goal 2; issue 10)
+TARGET_ONE_CALLBACK = 0.05  # one trivial callback per loop iteration: <= 5% instructions (goal 2%; issue 10)
 TARGET_HTTP_COST = 0.01  # HTTP service under load: defaults cost <= 1% of requests/s (issue 3)
 
 # Valgrind slows time ~50x, and loopwatch's periodic and time-based parts would fire ~50x more often per
@@ -69,7 +70,10 @@ TARGET_HTTP_COST = 0.01  # HTTP service under load: defaults cost <= 1% of reque
 # selector wrapper stays active: it is what figures 2 and 4 measure.
 CALLGRIND_PARKED: dict[str, Any] = {"probe_interval": 60, "faulthandler": False, "slow_callback_threshold": 5.0,
                                     "gil_probe_interval": 60}
-HOOK_VARIANTS = ("none", "auto", "auto-py", "exact", "debug")  # auto-py: without the C accelerator
+# auto-py: without the C accelerator; timer: no loopwatch, one timer pending far in the future (as the probe's
+# is): asyncio then checks its timer heap on every iteration -- part of what "auto" pays, and what any app
+# with a pending sleep or timeout pays anyway
+HOOK_VARIANTS = ("none", "timer", "auto", "auto-py", "exact", "debug")
 HOOK_SHAPES = (1, 20)  # concurrent call_soon chains = callbacks per loop iteration
 MARKER = "getsid"  # callgrind --dump-before=getsid: os.getsid(0) separates the measured segments
 
@@ -130,8 +134,10 @@ def _loopwatch_state(agent: Any, loop: asyncio.AbstractEventLoop) -> dict[str, A
         from loopwatch import _slow
     except ImportError:
         return state
-    select_method = getattr(getattr(loop, "_selector", None), "select", None)
-    state["selector_wrapped"] = (type(select_method).__name__ == "SelectClock"  # the C accelerator's
+    selector = getattr(loop, "_selector", None)
+    select_method = getattr(selector, "select", None)
+    state["selector_wrapped"] = (type(getattr(selector, "_selector", None)).__name__ == "PollClock"  # C: epoll
+                                 or type(select_method).__name__ == "SelectClock"  # C: select()
                                  or "PySelectClock" in getattr(select_method, "__qualname__", ""))
     state["exact_on"] = events.Handle.__dict__.get("_run") is not _slow._original_run
     try:
@@ -239,6 +245,9 @@ def _hook_variant(variant: str, dump_dir: str, under_valgrind: bool) -> Any:
         if variant == "auto-py":
             options["accelerator"] = False
         return _install(**options)  # no exporter: this figure is about the per-callback hooks
+    if variant == "timer":
+        asyncio.get_running_loop().call_later(3600, lambda: None)
+        return None
     if variant == "debug":
         loop = asyncio.get_running_loop()
         loop.set_debug(True)
@@ -1195,7 +1204,7 @@ def _parked_text() -> str:
     return ", ".join(f"{k}={v}" for k, v in CALLGRIND_PARKED.items())
 
 
-_VARIANT_LABELS = {"none": "no loopwatch", "auto": "loopwatch defaults (auto)",
+_VARIANT_LABELS = {"none": "no loopwatch", "timer": "no loopwatch, 1 pending timer", "auto": "loopwatch defaults (auto)",
                    "auto-py": "defaults, pure Python (no C)",
                    "exact": 'slow_callback_mode="exact"', "debug": "asyncio debug mode"}
 
@@ -1322,6 +1331,41 @@ def _render_http_callgrind(cg: Any, add: Any, http: Any) -> None:
         f"(both lines above): {_verdict(_http_cg_verdict(cg, http))}")
 
 
+def _render_headline(result: dict[str, Any], add: Any) -> None:
+    """The three figures the defaults are judged on, without and with loopwatch, side by side."""
+    add("Headline: the cost of loopwatch's defaults, measured side by side in this run")
+    add(f"   {'':62}{'without':>12}{'with':>12}{'cost':>10}   target")
+    cg = result.get("callgrind")
+    if isinstance(cg, dict) and "ratio" in cg:
+        add(f"   {'100 ready task steps per iteration (callgrind instructions/step)':62}"
+            f"{cg['without_per_step']:12,.0f}{cg['with_per_step']:12,.0f}{100 * (cg['ratio'] - 1):+9.2f}%"
+            f"   <= +{100 * (TARGET_STEP_RATIO - 1):.0f}%: {_verdict(cg['ratio'] <= TARGET_STEP_RATIO)}")
+    else:
+        add(f"   100 ready task steps per iteration: not measured ({cg})")
+    hooks = result.get("hooks")
+    hcg = hooks.get("callgrind") if isinstance(hooks, dict) else None
+    if isinstance(hcg, dict):
+        for variant, label in (("auto", "one trivial callback per iteration (instructions/callback)"),
+                               ("auto-py", "  the same, pure Python (no C accelerator)"),
+                               ("timer", "  (no loopwatch, one pending asyncio timer)")):
+            base, value = hcg["per_callback"]["none"]["1"], hcg["per_callback"][variant]["1"]
+            cost = value / base - 1
+            verdict = (_verdict(cost <= TARGET_ONE_CALLBACK) if variant == "auto" else
+                       "(fallback)" if variant == "auto-py" else "(reference: any app with a pending timer)")
+            add(f"   {label:62}{base:12,.0f}{value:12,.0f}{100 * cost:+9.2f}%"
+                f"   <= +{100 * TARGET_ONE_CALLBACK:.0f}% (goal +2%): {verdict}")
+    else:
+        add(f"   one trivial callback per iteration: not measured ({hcg})")
+    idle = result.get("idle")
+    if isinstance(idle, dict):
+        with_ms = idle["with"]["cpu_ms_per_s"]
+        add(f"   {'idle app scraped once a second (CPU ms per second)':62}{idle['without']['cpu_ms_per_s']:12.2f}"
+            f"{with_ms:12.2f}{idle['delta_ms_per_s']:+9.2f}    <= {TARGET_IDLE_MS:.0f} ms/s (goal 2): "
+            f"{_verdict(with_ms <= TARGET_IDLE_MS)}")
+    else:
+        add(f"   idle app scraped once a second: not measured ({idle})")
+
+
 def render(result: dict[str, Any]) -> str:
     lines = []
     add = lines.append
@@ -1329,6 +1373,8 @@ def render(result: dict[str, Any]) -> str:
     add(f"loopwatch overhead benchmark ({result['mode']})  loopwatch {env['loopwatch']}  "
         f"python {env['python']}  {env['cpus']} CPUs  load {env['load_before'][0]:.2f} -> {env['load_after'][0]:.2f}")
     rule = "=" * 100
+    add(rule)
+    _render_headline(result, add)
     add(rule)
 
     wall = result.get("wall")
@@ -1338,7 +1384,7 @@ def render(result: dict[str, Any]) -> str:
         add(f"   workload: {w['tasks']} tasks x {w['steps']} sleep(0) steps + {w['chains']} call_soon chains x "
             f"{w['chain_len']} = {wall['callbacks_per_round']:,} callbacks/round; median of {w['rounds']} rounds "
             f"per run; {len(wall['pairs'])} interleaved pairs, fresh process per run")
-        add("   with: install() defaults (probe 0.5 s, faulthandler, watchdog, selector wrapper, GIL probe 1/s, exporter on a "
+        add("   with: install() defaults (probe 1 s, GIL-held fallback, watchdog, iteration clock, GIL probe 1/s, exporter on a "
             "loopback port)")
         add(f"   {'':28}{'median':>10}{'q1':>10}{'q3':>10}{'min':>10}{'max':>10}")
         for key, label, scale, fmt in (("without_s", "without (ms/round)", 1e3, "{:10.1f}"),
@@ -1384,8 +1430,8 @@ def render(result: dict[str, Any]) -> str:
     add("3. Idle CPU: app doing `await asyncio.sleep(...)`, whole-process time.process_time() per wall second")
     if isinstance(idle, dict) and "with" in idle:
         s = idle["scrapes"]
-        add(f"   {idle['with']['window_s']:.1f} s window; with loopwatch at its defaults (probe 0.5 s, "
-            f"faulthandler on, GIL probe 1/s, exporter) scraped 1/s: {s['ok']} ok, {s['failed']} failed")
+        add(f"   {idle['with']['window_s']:.1f} s window; with loopwatch at its defaults (probe 1 s, "
+            f"GIL-held fallback on, GIL probe 1/s, exporter) scraped 1/s: {s['ok']} ok, {s['failed']} failed")
         add(f"   without loopwatch  {idle['without']['cpu_ms_per_s']:8.2f} CPU ms/s")
         add(f"   with loopwatch     {idle['with']['cpu_ms_per_s']:8.2f} CPU ms/s   "
             f"(delta {idle['delta_ms_per_s']:+.2f})   target <= {TARGET_IDLE_MS:.0f} ms/s: "

@@ -29,19 +29,25 @@ from ._dumps import DumpWriter, safe_reason, write_private
 from ._errors import ConfigError
 from ._executors import Executors
 from ._exporter import Exporter
+from ._gc import GcPasses
 from ._gil import GilContention, GilProbe
+from ._gilheld import (
+    FALLBACK_AFTER,
+    INFLIGHT_PREFIX,
+    GilHeldStacks,
+    parse_header,
+    split_stacks,
+)
 from ._hooks import LoopHooks, known_loop_method
+from ._iteration import ACCELERATED, BeatActivity, UvActivity, UvStretches
 from ._log import Guard, emit
 from ._metrics import Metrics
-from ._gc import GcPasses
-from ._gilheld import FALLBACK_AFTER, INFLIGHT_PREFIX, GilHeldStacks, parse_header, split_stacks
-from ._iteration import ACCELERATED, BeatActivity, UvActivity, UvStretches
 from ._pools import Pools
-from ._pyspy import NativeStacks, find_pyspy
 from ._probe import LoopProbe, virtual_clock
+from ._pyspy import NativeStacks, find_pyspy
+from ._slow import IterationTimer, SlowCallback, SlowCallbackMetrics, SlowCallbacks
 from ._tasks import TaskHealth
 from ._threads import ThreadCpu
-from ._slow import IterationTimer, SlowCallback, SlowCallbackMetrics, SlowCallbacks
 from ._version import __version__
 from ._watchdog import SAMPLE_AT, Watchdog
 

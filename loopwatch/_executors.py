@@ -28,12 +28,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ._errors import ConfigError, check_watch_name
 from ._hooks import instance_attribute
 from ._log import emit
+from ._series import Histogram
 
 MAX_EXECUTORS = 100
 LOG_EVERY = 10.0
@@ -96,7 +96,7 @@ class Executors:
     def _new_histogram(self) -> Histogram:
         return Histogram("to_thread_executor_queue_wait_seconds",
                          "Time from submit to start of work given to an executor.",
-                         ["service", "executor"], namespace=self._metrics.namespace, registry=None,
+                         ["service", "executor"], namespace=self._metrics.namespace,
                          buckets=BUCKETS)
 
     def reset(self) -> None:

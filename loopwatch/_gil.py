@@ -31,10 +31,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import _unpatched as _os
+from ._series import Histogram
 
 WINDOW = 60  # samples averaged by gil_contention (a minute at the default interval)
 BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -63,7 +63,7 @@ class GilContention:
         histogram = Histogram(
             "gil_wait_seconds", "How late the GIL probe thread ran again after each sleep: the wait for the "
             "GIL (one switch interval when one thread runs Python, more when several compete).",
-            ["service"], namespace=metrics.namespace, registry=None, buckets=BUCKETS)  # type: ignore[attr-defined]
+            ["service"], namespace=metrics.namespace, buckets=BUCKETS)  # type: ignore[attr-defined]
         histogram.labels(metrics.service)  # type: ignore[attr-defined]
         return histogram
 

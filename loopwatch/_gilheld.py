@@ -238,21 +238,21 @@ class GilHeldStacks:
                 pass
 
     def close(self) -> None:
-        """Stop the timer, unregister the handler, close the file and remove it unless it holds a stack."""
+        """Stop the timer, unregister the handler, close the file and remove it.  (Whatever it still holds
+        was written after the watchdog's last look, by a signal that found no stall going on: the process
+        is shutting down cleanly.  Only a process killed mid-stall leaves its file behind.)"""
         self._stop_timer()
         if self.signal is not None:
             faulthandler.unregister(self.signal)
             self.signal = None
         if self._fd is None:
             return
-        keep = self.has_output()
         _os.close(self._fd)
         self._fd = None
-        if not keep:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def threading_native_id() -> int:

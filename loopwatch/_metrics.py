@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from ._log import COMPONENTS
+from ._series import Counter, Histogram
 
 DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
                  60.0, 120.0)
@@ -39,15 +38,15 @@ class Metrics(Collector):
         ns = namespace
         self.delay = Histogram(
             "event_loop_delay_seconds", "How late the lag probe's timer fired, per probe.",
-            ["service", "loop"], namespace=ns, registry=None,
+            ["service", "loop"], namespace=ns,
             buckets=sorted(set(DELAY_BUCKETS) | set(self.thresholds)))
         self.spikes = Counter(
             "event_loop_lag_spikes", "Stalls whose lag crossed each threshold (counted live, once per stall).",
-            ["service", "loop", "threshold"], namespace=ns, registry=None)
+            ["service", "loop", "threshold"], namespace=ns)
         self.dumps = Counter("dumps", "Stack dumps written, by reason.", ["service", "reason"],
-                             namespace=ns, registry=None)
+                             namespace=ns)
         self.errors = Counter("errors", "loopwatch's own failures, by component; it never raises into the app.",
-                              ["service", "component"], namespace=ns, registry=None)
+                              ["service", "component"], namespace=ns)
         for reason in KNOWN_DUMP_REASONS:
             self.dumps.labels(service, reason)
         for component in COMPONENTS:
@@ -75,7 +74,7 @@ class Metrics(Collector):
         """
         fresh = Metrics(self.namespace, self.service, self.thresholds, self._live_lag)
         for name, value in vars(fresh).items():
-            if isinstance(value, MetricWrapperBase):
+            if isinstance(value, (Counter, Histogram)):
                 setattr(self, name, value)
         self._reasons = fresh._reasons
         for reset in self._resets:

@@ -28,11 +28,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ._errors import ConfigError
 from ._log import emit
+from ._series import Counter, Histogram
 
 MAX_POOLS = 100
 MAX_HELD = 10_000  # acquired-connection start times kept per pool (a leak must not grow memory)
@@ -94,12 +94,12 @@ class Pools:
         ns = self._metrics.namespace
         self.wait = Histogram("db_client_connection_wait_time_seconds",
                               "Time to acquire a connection from the pool.", ["service", "pool_name"],
-                              namespace=ns, registry=None, buckets=WAIT_BUCKETS)
+                              namespace=ns, buckets=WAIT_BUCKETS)
         self.use = Histogram("db_client_connection_use_time_seconds",
                              "Time between acquiring a connection and giving it back.", ["service", "pool_name"],
-                             namespace=ns, registry=None, buckets=USE_BUCKETS)
+                             namespace=ns, buckets=USE_BUCKETS)
         self.timeouts = Counter("db_client_connection_timeouts", "Acquires that timed out.",
-                                ["service", "pool_name"], namespace=ns, registry=None)
+                                ["service", "pool_name"], namespace=ns)
 
     def reset(self) -> None:
         """A forked child: fresh series and lock; watched pools stay watched."""

@@ -35,12 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from ._frames import is_app_file
 from ._iteration import KNOWN_SELECTS, poll_clock, select_clock
 from ._labels import TopN
+from ._series import Histogram
 
 EXACT_WINDOW = 60.0  # seconds of exact timing after an unattributed slow iteration
 UNATTRIBUTED = "unattributed"
@@ -404,7 +404,7 @@ class SlowCallbackMetrics:
         self._probes = probes
         self.histogram = Histogram(
             "slow_callback_duration_seconds", "Durations of callbacks over slow_callback_threshold.",
-            ["service", "loop"], namespace=metrics.namespace, registry=None,
+            ["service", "loop"], namespace=metrics.namespace,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
 
     def observe(self, loop: str, duration: float) -> None:

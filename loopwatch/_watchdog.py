@@ -38,7 +38,14 @@ from ._gilheld import FALLBACK_AFTER, REPEAT, GilHeldStacks
 from ._iteration import _accel
 from ._log import Guard, emit
 from ._probe import LoopProbe
-from ._slow import UNATTRIBUTED, SlowCallback, SlowCallbacks, describe_task, label_from_stack, running_task
+from ._slow import (
+    UNATTRIBUTED,
+    SlowCallback,
+    SlowCallbacks,
+    describe_task,
+    label_from_stack,
+    running_task,
+)
 from ._waker import Waker
 
 SAMPLE_AT = 0.9  # share of the first threshold at which the loop thread's clocks are first sampled

@@ -1,6 +1,6 @@
 """A stall that is a garbage collection: millions of live containers, then a full collection on the loop.
 
-``python gc_stall.py DUMP_DIR PORT``: builds ~6 million small lists (alive: the collector must traverse
+``python gc_stall.py DUMP_DIR PORT``: builds ~9 million small lists (alive: the collector must traverse
 them all), then a handler calls ``gc.collect()`` -- a pass that holds the GIL for about a second here --
 and prints ``GC-PASS <start> <end>`` around it.
 """
@@ -17,7 +17,7 @@ from marker import emit_line
 import loopwatch
 
 DUMP_DIR, PORT = sys.argv[1], int(sys.argv[2])
-KEEP = [[i] for i in range(6_000_000)]
+KEEP = [[i] for i in range(9_000_000)]
 
 
 async def handler() -> None:
@@ -27,7 +27,7 @@ async def handler() -> None:
 
 
 async def main() -> None:
-    loopwatch.install(metrics_port=PORT, metrics_addr="127.0.0.1", dump_dir=DUMP_DIR, lag_thresholds=(0.2,),
+    loopwatch.install(metrics_port=PORT, metrics_addr="127.0.0.1", dump_dir=DUMP_DIR, lag_thresholds=(0.1,),
                       dump_cooldown=0)
     await asyncio.sleep(0.7)
     await asyncio.create_task(handler())

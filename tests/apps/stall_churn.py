@@ -1,7 +1,8 @@
 """Many short stalls that release the GIL while other threads keep running Python.
 
 ``python stall_churn.py DUMP_DIR METRICS_PORT STOP_FILE STALLS``: the regression test for a crash of the
-host process: faulthandler walking the frames of threads that run Python (see loopwatch/_native.py).
+host process: faulthandler's ``dump_traceback_later`` walking the frames of threads that run Python (the
+fallback that loopwatch/_gilheld.py replaced it with only lets the loop thread read its own frames).
 Three threads call small Python functions in a loop (frames pushed and popped all the time) and two
 start short-lived threads one after another, while the
 loop blocks STALLS times for 1.5 s in ``time.sleep`` (GIL released).  Prints ``CHURN-DONE <stalls>``.
