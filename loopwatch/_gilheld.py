@@ -38,7 +38,10 @@ from ._dumps import PREFIX
 
 INFLIGHT_PREFIX = f"{PREFIX}inflight-"
 FALLBACK_AFTER = 0.25  # seconds after the watchdog's next look: the signal fires if it could not look
-REPEAT = 0.5  # seconds between the stacks written while the stall lasts
+REPEAT = 0.25  # seconds between the stacks written while the stall lasts
+# The first signal fires FALLBACK_AFTER after the watchdog's next planned look, which is at most 0.9 of the
+# threshold after the stall began: 0.25 s to 0.9 x threshold + 0.25 s into the stall.  Repeating every
+# REPEAT s puts a stack between the threshold and REPEAT s after it, whatever the stall's phase.
 STACK_HEADER = "Stack (most recent call first):"
 _HEADER = re.compile(r"^# loopwatch in-flight pid=(\d+) created=(\d+) loop_thread=(0x[0-9a-f]+|none)"
                      r"(?: probe_interval=[0-9.]+)? service=(.*)$")

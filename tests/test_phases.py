@@ -16,6 +16,8 @@ import pytest
 from conftest import APPS, free_port, marker
 from procs import fields
 
+from loopwatch._gilheld import REPEAT
+
 APP = APPS / "phase_sweep.py"
 THRESHOLD = 0.5
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -74,8 +76,12 @@ def test_stalls_that_hold_the_gil_have_their_stack_on_disk_within_half_a_second_
     assert len(dumps) == n, out
     for dump, (start, end) in zip(dumps, stalls):
         assert dump["source"] == "faulthandler", dump  # the loop thread wrote its own stack, mid-stall
-        assert THRESHOLD <= dump["stall_seconds"] <= THRESHOLD + 0.5, dump["stall_seconds"]
-        assert dump["stall_seconds"] < end - start  # written while the stall was still going on
+        age = dump["stall_seconds"]
+        assert age < end - start  # written while the stall was still going on
+        if end - start >= THRESHOLD + REPEAT + 0.05:  # long enough for a stack past the threshold
+            assert THRESHOLD <= age <= THRESHOLD + REPEAT + 0.02, (age, end - start)
+        else:
+            assert age <= THRESHOLD + 0.5, (age, end - start)
         assert dump["culprit"]["lineno"] == line_of("GIL-LINE") and dump["culprit"]["function"] == "block"
     events = spikes(out)
     assert len(events) == n, out

@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 from loopwatch import _iteration, _slow
 from loopwatch._agent import Agent
 from loopwatch._config import resolve
+from loopwatch._gilheld import FALLBACK_AFTER, REPEAT
 from loopwatch._iteration import BeatActivity
 from loopwatch._probe import Beat
 from loopwatch._watchdog import KEY_TOLERANCE, MAX_SLEEP, SAMPLE_AT
@@ -572,8 +573,8 @@ STACK = f'Stack (most recent call first):\n  File "{__file__}", line 7 in match_
 def test_a_gil_held_stall_is_dumped_from_the_stack_the_loop_thread_wrote(setup) -> None:
     agent, probe, clock, registry, dump_dir = setup
     # The watchdog planned to look at T0 + 0.45 but could not (GIL held from T0 + 0.4 to T0 + 1.8): the
-    # timer fired at T0 + 0.7, 1.2 and 1.7, and the loop thread wrote its stack each time.
-    fallback = FakeGilHeld(T0 + 0.7, [STACK, STACK, STACK])
+    # timer fired at T0 + 0.7, 0.95, 1.2, 1.45 and 1.7, and the loop thread wrote its stack each time.
+    fallback = FakeGilHeld(T0 + 0.7, [STACK] * 5)
     agent.gilheld_for = lambda p: fallback  # type: ignore[method-assign]
     agent.watchdog._gilheld = agent.gilheld_for
     probe.activity.begin(T0 + 0.4)
@@ -582,11 +583,43 @@ def test_a_gil_held_stall_is_dumped_from_the_stack_the_loop_thread_wrote(setup) 
         agent.watchdog.tick(T0 + 1.85, late=True)
     (dump,) = dumps(dump_dir)
     assert dump["source"] == "faulthandler"
-    assert dump["stall_seconds"] == pytest.approx(0.8)  # the first stack written past the threshold
+    assert dump["stall_seconds"] == pytest.approx(0.55)  # the first stack written past the threshold
     assert dump["culprit"]["function"] == "match_order_id" and dump["culprit"]["lineno"] == 7
     (stall,) = events(logs, "loopwatch.stall")
     assert stall["source"] == "faulthandler" and stall["duration"] == pytest.approx(1.4)
     assert fallback.take() == []
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.5, 2.0])
+def test_a_gil_held_stall_at_any_phase_has_a_stack_within_a_quarter_second_past_the_threshold(tmp_path: Path, loop,
+                                                                                   threshold: float) -> None:
+    """Sweep the moment a GIL-held stall begins across the watchdog's look interval: the watchdog looks as
+    it plans (and arms the fallback FALLBACK_AFTER after each planned look, as its thread does) until the
+    stall starts; then it cannot run, and the timer writes a stack at its armed time and every REPEAT s.
+    The dump's stack is always one written between the threshold and 0.25 s past it."""
+    steps = 40
+    for k in range(steps):
+        (tmp_path / f"{threshold}-{k}").mkdir()
+        agent, probe, clock, registry = make(tmp_path / f"{threshold}-{k}", loop, dump_cooldown=0,
+                                             lag_thresholds=(threshold, 60.0))
+        fallback = FakeGilHeld(None, [])  # type: ignore[arg-type]
+        agent.watchdog._gilheld = lambda p, f=fallback: f
+        start = T0 + 1.0 + k / steps * SAMPLE_AT * threshold
+        end = start + threshold + REPEAT + 0.3
+        wake = clock.now = T0
+        while wake <= start:  # healthy: the loop waits, the watchdog looks as planned
+            clock.now = wake
+            wake = agent.watchdog.tick(wake)
+            fallback.arm(wake + FALLBACK_AFTER)
+        probe.activity.begin(start)
+        fired = [fallback.armed_at + n * REPEAT for n in range(100) if fallback.armed_at + n * REPEAT < end]
+        assert fired, "the fallback must fire during the stall"
+        fallback._stacks = [STACK] * len(fired)
+        probe.activity.end(end)
+        agent.watchdog.tick(end + 0.01, late=True)
+        (dump,) = dumps(tmp_path / f"{threshold}-{k}")
+        assert dump["source"] == "faulthandler"
+        assert threshold <= dump["stall_seconds"] <= threshold + 0.25 + 1e-6, (k, dump["stall_seconds"])
 
 
 def test_stacks_written_outside_any_stall_are_dropped(setup) -> None:

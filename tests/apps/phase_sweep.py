@@ -35,9 +35,12 @@ def calibrate() -> int:
     """How many items ``sum(range(n))`` -- a C call that holds the GIL and runs no bytecode -- takes per
     second here."""
     n = 2_000_000
-    start = time.perf_counter()
-    sum(range(n))
-    return int(n / (time.perf_counter() - start))
+    best = float("inf")
+    for _ in range(3):  # the fastest of three: a busy machine makes the stalls longer, never shorter
+        start = time.perf_counter()
+        sum(range(n))
+        best = min(best, time.perf_counter() - start)
+    return int(n / best)
 
 
 PER_SECOND = calibrate() if KIND == "gil" else 0
