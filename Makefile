@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test compat asyncio-suite bench clean
+.PHONY: setup system demo test compat asyncio-suite bench clean
 
 setup: $(VENV)/.installed
 
@@ -15,10 +15,16 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml loopwatch/_accel.c
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# System packages from Debian's archive, when missing: prometheus/promtool for the tests, wrk and valgrind
+# for the benchmark (tools/system-packages; as root, or with passwordless sudo).
+system:
+	tools/system-packages
+
 demo: setup
 	$(BIN)/python examples/demo.py
 
 test: setup
+	tools/system-packages test
 	$(BIN)/python -m pytest
 
 # The core suite on the newer CPythons this machine has (pyenv's 3.12/3.13), each in its own venv:
@@ -52,6 +58,7 @@ asyncio-suite: setup
 	$(BIN)/python tools/cpython_asyncio.py $$(for p in $$pythons; do printf -- '--python %s ' $$p; done)
 
 bench: setup
+	tools/system-packages bench
 	$(BIN)/python benchmarks/overhead.py
 
 clean:

@@ -605,7 +605,7 @@ def _check_parked_state(state: dict[str, Any] | None, what: str, exact: bool) ->
 
 def bench_callgrind(cfg: dict[str, Any], dump_dir: Path, work: Path) -> dict[str, Any]:
     if shutil.which("valgrind") is None:
-        raise BenchError("valgrind not found on PATH (apt-get install valgrind)")
+        raise BenchError("valgrind not found on PATH (make bench installs it: tools/system-packages bench)")
     jobs = []
     for rep in range(cfg["repeat"]):
         for with_lw in (False, True):
@@ -738,7 +738,7 @@ def _hooks_callgrind_run(variant: str, cfg: dict[str, Any], dump_dir: Path, work
 def bench_hooks(cfg: dict[str, Any], dump_dir: Path, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"workload": cfg, "shapes": list(HOOK_SHAPES), "variants": list(HOOK_VARIANTS)}
     if shutil.which("valgrind") is None:
-        out["callgrind"] = "error: valgrind not found on PATH (apt-get install valgrind)"
+        out["callgrind"] = "error: valgrind not found on PATH (make bench installs it: tools/system-packages bench)"
     else:
         # Instruction counts do not depend on timing, so two runs at a time is fine on 2 cores.
         with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
@@ -792,32 +792,13 @@ _BUSY_SAMPLE = re.compile(r'^\w+_event_loop_busy_seconds_total\{[^}]*loop="main"
 
 
 def ensure_wrk() -> str:
-    """The ``wrk`` executable; installs Debian's package when missing (as root, with apt-get)."""
+    """The ``wrk`` executable (installed by ``make bench``'s setup step, ``tools/system-packages``)."""
     path = shutil.which("wrk")
     if path:
         return path
-    detail = "not on PATH"
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        _progress("  wrk not found: installing Debian's package (apt-get install -y wrk) ...")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        install = ["apt-get", "install", "-y", "--no-install-recommends", "wrk"]
-        for commands in ([install], [["apt-get", "update"], install]):  # the package lists may be empty
-            for command in commands:
-                try:
-                    proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                          env=env, timeout=600)
-                except subprocess.TimeoutExpired:
-                    detail = f"{' '.join(command)} timed out"
-                    break
-                if proc.returncode != 0:
-                    detail = f"{' '.join(command)} failed: {proc.stderr.strip()[-500:]}"
-                    break
-            path = shutil.which("wrk")
-            if path:
-                return path
-    raise BenchError(f"wrk (the HTTP load generator) is needed for this figure and could not be found or installed "
-                     f"({detail}). Install it: `apt-get install wrk` on Debian/Ubuntu, or build it from "
-                     f"https://github.com/wg/wrk; or leave the figure out with --skip http")
+    raise BenchError("wrk (the HTTP load generator) is needed for this figure and is not on PATH: run "
+                     "`make bench` (its setup step installs it: tools/system-packages bench), or "
+                     "`apt-get install wrk`; or leave the figure out with --skip http")
 
 
 class _HttpServer:
@@ -1146,7 +1127,7 @@ def _http_callgrind_run(with_lw: bool, shape: str, cfg: dict[str, Any], dump_dir
 
 def bench_http_callgrind(cfg: dict[str, Any], dump_dir: Path, work: Path) -> dict[str, Any]:
     if shutil.which("valgrind") is None:
-        raise BenchError("valgrind not found on PATH (apt-get install valgrind)")
+        raise BenchError("valgrind not found on PATH (make bench installs it: tools/system-packages bench)")
     if importlib.util.find_spec("aiohttp") is None:
         raise BenchError(f"aiohttp is not installed for {sys.executable} (it is in the dev extra)")
     jobs = [(with_lw, shape) for shape in HTTP_CG_SHAPES for with_lw in (False, True)]

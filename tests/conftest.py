@@ -161,18 +161,11 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def prometheus_tools() -> dict[str, str]:
-    """``prometheus`` and ``promtool`` from Debian's package, installed when missing (DESIGN §8: these
-    machines are ours, we are root).  A failure to install fails the tests that need them: never a skip."""
+    """``prometheus`` and ``promtool`` from Debian's package, installed by ``make test``'s setup step
+    (``tools/system-packages``), never from here.  Missing, they fail the tests that need them: never a skip."""
     import shutil
 
     found = {name: shutil.which(name) for name in ("prometheus", "promtool")}
-    if not all(found.values()):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
-            done = subprocess.run(install, env=env, capture_output=True, text=True)
-            assert done.returncode == 0, f"could not install Debian's prometheus package:\n{done.stderr[-2000:]}"
-        found = {name: shutil.which(name) for name in ("prometheus", "promtool")}
-    assert all(found.values()), f"prometheus/promtool not on PATH after installing: {found}"
+    assert all(found.values()), (f"prometheus/promtool not on PATH: {found}; run `make test` (its setup step "
+                                 f"installs Debian's prometheus package) or `tools/system-packages test`")
     return found  # type: ignore[return-value]
