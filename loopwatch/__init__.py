@@ -59,6 +59,7 @@ def install(
     executor_wait_threshold: float | None = None,
     native_stacks: bool | None = None,
     accelerator: bool | None = None,
+    disable: Any = None,
 ) -> Agent:
     """Install the agent (idempotent) and return it.
 
@@ -120,13 +121,15 @@ def watch_executor(executor: _Executor, name: str) -> _Executor:
     down or garbage-collected.  ``name`` is a non-empty printable string (at most 128 characters);
     watching another executor under a taken name replaces it.  Anything else raises
     :class:`ConfigError`.  The loop's default executor (``asyncio.to_thread``) is watched without this
-    call, as ``executor="default"``.  Raises ``RuntimeError`` if loopwatch is not installed.
+    call, as ``executor="default"``.  Raises ``RuntimeError`` if loopwatch is not installed.  With
+    ``disable`` naming ``executors`` it only checks its arguments and returns ``executor`` untouched.
     """
     check_executor(executor, name)
     agent = _agent
     if agent is None or not agent.started:
         raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_executor()")
-    agent.executors.watch(executor, name)
+    if agent.options.enabled("executors"):
+        agent.executors.watch(executor, name)
     return executor
 
 
@@ -142,13 +145,16 @@ def watch_pool(pool: _Pool, name: str) -> _Pool:
     pools.  Anything else raises :class:`ConfigError` listing what is supported.  The pool is held weakly;
     once it is closed or collected its series disappear.  ``name`` is a non-empty printable string (at
     most 128 characters); watching another pool under a taken name replaces it.  Raises ``RuntimeError``
-    if loopwatch is not installed.
+    if loopwatch is not installed.  With ``disable`` naming ``pools`` it returns ``pool`` untouched.
     """
     check_watch_name("watch_pool", name)
     agent = _agent
     if agent is None or not agent.started:
         raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_pool()")
-    agent.pools.watch(pool, name)
+    if agent.options.enabled("pools"):
+        agent.pools.watch(pool, name)
+    else:
+        agent.pools.check(pool)
     return pool
 
 
@@ -163,10 +169,13 @@ def watch_queue(queue: _Queue, name: str) -> _Queue:
     alive, and its series disappear once it is garbage-collected.  ``name`` is a non-empty printable
     string (at most 128 characters), unique among the live watched queues; watching the same queue
     under the same name again is a no-op.  Anything else raises :class:`ConfigError`.  Raises
-    ``RuntimeError`` if loopwatch is not installed; ``uninstall()`` forgets every watched queue.
+    ``RuntimeError`` if loopwatch is not installed; ``uninstall()`` forgets every watched queue.  With
+    ``disable`` naming ``tasks`` it returns ``queue`` untouched.
     """
     check_queue(queue, name)
     agent = _agent
     if agent is None or not agent.started:
         raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_queue()")
+    if not agent.options.enabled("tasks"):  # ``disable=tasks``: queue depths are task health's series
+        return queue
     return agent.task_health.watch_queue(queue, name)

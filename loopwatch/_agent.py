@@ -87,22 +87,27 @@ class Agent:
                                live_lag=self._live_lag)
         self.guard = Guard(self.metrics.count_error)
         self.metrics.on_error = lambda component, exc: self.guard.report(component, exc)
-        self.task_health = TaskHealth(self)
-        self.slow_metrics = SlowCallbackMetrics(self.metrics, self.probes)
+        on = options.enabled  # a feature named in ``disable`` exports, patches and runs nothing
+        self.task_health = TaskHealth(self, export=on("tasks"))
+        self.slow_metrics = SlowCallbackMetrics(self.metrics, self.probes, slow=on("slow_callbacks"))
         self.slow = SlowCallbacks(options.slow_callback_threshold, observe=self.slow_metrics.observe,
                                   log=self._log_slow, clock=clock)
         self.metrics.add_part("collector", lambda: self.slow_metrics.collect(self.slow.counts))
         self.threads = ThreadCpu(self.metrics, clock=clock)
-        self.metrics.add_part("threads", self.threads.collect, reset=self.threads.reset)
+        if on("threads"):
+            self.metrics.add_part("threads", self.threads.collect, reset=self.threads.reset)
         self.gil = GilContention(self.metrics)
-        self.metrics.add_part("gil", self.gil.collect, reset=self.gil.reset)
+        if on("gil"):
+            self.metrics.add_part("gil", self.gil.collect, reset=self.gil.reset)
         self.gil_probe = GilProbe(self.gil, options.gil_probe_interval,
                                   on_error=lambda exc: self.guard.report("gil", exc))
         self.executors = Executors(self.metrics, threshold=options.executor_wait_threshold, clock=clock,
                                    on_error=lambda exc: self.guard.report("executor", exc))
-        self.metrics.add_part("executor", self.executors.collect, reset=self.executors.reset)
+        if on("executors"):
+            self.metrics.add_part("executor", self.executors.collect, reset=self.executors.reset)
         self.pools = Pools(self.metrics, clock=clock, on_error=lambda exc: self.guard.report("pool", exc))
-        self.metrics.add_part("pool", self.pools.collect, reset=self.pools.reset)
+        if on("pools"):
+            self.metrics.add_part("pool", self.pools.collect, reset=self.pools.reset)
         self.writer = DumpWriter(options.dump_dir, keep=options.dump_keep, cooldown=options.dump_cooldown,
                                  clock=clock)
         self._lock = threading.RLock()
@@ -306,12 +311,16 @@ class Agent:
         probe.start()
         self._arm_fallback(probe)
         with self.guard("hooks"):
-            if known_loop_method(loop, "call_exception_handler"):
+            if not self.options.enabled("tasks"):
+                pass
+            elif known_loop_method(loop, "call_exception_handler"):
                 self.task_health.attach(probe)
             else:
                 self._not_patched(loop, "call_exception_handler", probe)
         with self.guard("executor"):
-            if not known_loop_method(loop, "run_in_executor"):
+            if not self.options.enabled("executors"):
+                pass
+            elif not known_loop_method(loop, "run_in_executor"):
                 self._not_patched(loop, "run_in_executor", probe)
             elif not self.executors.attach(loop, probe.label):
                 self._degrade("executor", f"cannot wrap {type(loop).__qualname__}.run_in_executor: the default "

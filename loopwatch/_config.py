@@ -24,6 +24,8 @@ ENV_PREFIX = "LOOPWATCH_"
 _METRIC_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _TRUE = {"1", "true", "yes", "on"}
 SLOW_CALLBACK_MODES = ("auto", "exact", "off")
+# Features the ``disable`` option switches off: each then exports nothing, patches nothing, runs nothing.
+FEATURES = ("threads", "gil", "executors", "pools", "tasks", "slow_callbacks")
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -60,6 +62,11 @@ class Options:
     executor_wait_threshold: float = 0.5
     native_stacks: bool = False
     accelerator: bool = True
+    disable: frozenset[str] = frozenset()
+
+    def enabled(self, feature: str) -> bool:
+        """Whether ``feature`` (one of ``FEATURES``) is on: not named in ``disable``."""
+        return feature not in self.disable
 
     @property
     def dump_threshold(self) -> float:
@@ -169,6 +176,22 @@ def _thresholds(value: Any, source: str | None) -> tuple[float, ...]:
     return tuple(numbers)
 
 
+def _features(value: Any, source: str | None) -> frozenset[str]:
+    """``"gil,pools"``, ``"gil pools"``, ``("gil", "pools")`` or ``""``/``()`` (nothing off)."""
+    what = "feature names among " + ", ".join(repr(f) for f in FEATURES) + " (comma-separated in a string)"
+    items: Any = value
+    if isinstance(value, str):
+        items = [part for part in re.split(r"[,\s]+", value.strip()) if part]
+    if not isinstance(items, Iterable) or isinstance(items, (bytes, Mapping)):
+        raise _fail("disable", source, what, value)
+    names = []
+    for item in items:
+        if not isinstance(item, str) or item.strip().lower() not in FEATURES:
+            raise _fail("disable", source, what, value)
+        names.append(item.strip().lower())
+    return frozenset(names)
+
+
 def _is_zero(value: Any) -> bool:
     try:
         return not isinstance(value, bool) and float(value) == 0.0
@@ -236,6 +259,8 @@ def _validate(name: str, value: Any, source: str | None) -> Any:
     if name == "executor_wait_threshold":
         return _number(name, value, source, low=0.001, high=3600.0, low_inclusive=True,
                        what="seconds between 0.001 and 3600")
+    if name == "disable":
+        return _features(value, source)
     raise AssertionError(name)  # pragma: no cover - OPTION_NAMES and this function move together
 
 
@@ -253,4 +278,9 @@ def resolve(explicit: Mapping[str, Any], environ: Mapping[str, str] | None = Non
         env_name = ENV_PREFIX + name.upper()
         if name != "registry" and env_name in env:
             values[name] = _validate(name, env[env_name], env_name)
+    off = values.get("disable", frozenset())  # wins over the feature's own options (an operator's switch)
+    if "slow_callbacks" in off:
+        values["slow_callback_mode"] = "off"
+    if "gil" in off:
+        values["gil_probe_interval"] = 0.0
     return Options(**values)

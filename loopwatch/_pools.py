@@ -153,12 +153,18 @@ class Pools:
             self._on_error(exc)
 
     # -- watch_pool --------------------------------------------------------------------------------
-    def watch(self, pool: Any, name: str) -> None:
+    @staticmethod
+    def check(pool: Any) -> type[Adapter]:
+        """The adapter for ``pool``; raises :class:`ConfigError` listing what is supported."""
         adapter_class = adapter_for(pool)
         if adapter_class is None:
             kind = type(pool)
             raise ConfigError(f"watch_pool() does not know {kind.__module__}.{kind.__qualname__}; it watches "
                               + "; ".join(SUPPORTED))
+        return adapter_class
+
+    def watch(self, pool: Any, name: str) -> None:
+        adapter_class = self.check(pool)
         with self._lock:
             previous = self._pools.get(name)
             if previous is not None and previous.adapter.target() is adapter_class.target_of(pool):

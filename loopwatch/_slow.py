@@ -399,9 +399,10 @@ class SlowCallbackMetrics:
     """``slow_callbacks_total{loop, callback}``, ``slow_callback_duration_seconds{loop}`` and
     ``event_loop_busy_seconds_total{loop}``, as one metrics part."""
 
-    def __init__(self, metrics: Any, probes: Callable[[], Any]) -> None:
+    def __init__(self, metrics: Any, probes: Callable[[], Any], *, slow: bool = True) -> None:
         self._metrics = metrics
         self._probes = probes
+        self._slow = slow  # False with ``disable=slow_callbacks``: only utilization is exported
         self.histogram = Histogram(
             "slow_callback_duration_seconds", "Durations of callbacks over slow_callback_threshold.",
             ["service", "loop"], namespace=metrics.namespace,
@@ -435,4 +436,4 @@ class SlowCallbackMetrics:
             value = activity.busy_now() if activity is not None else None
             if value is not None:
                 busy.add_metric([service, probe.label], value)
-        return [slow, *self.histogram.collect(), busy]
+        return [slow, *self.histogram.collect(), busy] if self._slow else [busy]

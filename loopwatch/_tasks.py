@@ -81,7 +81,7 @@ class TaskHealth:
 
     def __init__(self, agent: Agent, *,
                  all_tasks: Callable[[asyncio.AbstractEventLoop], Iterable[Any]] = asyncio.all_tasks,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, export: bool = True) -> None:
         self._agent = agent
         self._metrics = agent.metrics
         self._all_tasks = all_tasks
@@ -94,7 +94,8 @@ class TaskHealth:
         self._handlers: dict[LoopProbe, _ChainedHandler] = {}
         self._queues: dict[str, weakref.ref[asyncio.Queue[Any]]] = {}
         self._degraded = False
-        agent.metrics.add_part("collector", self.collect, reset=self.reset)
+        if export:  # ``disable=tasks``: no series (and Agent.attach chains no exception handler)
+            agent.metrics.add_part("collector", self.collect, reset=self.reset)
 
     def reset(self) -> None:
         """A forked child (``Metrics.reset``): counts from zero and fresh locks -- one held by another
