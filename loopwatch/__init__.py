@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-import threading
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import _forksafe
 from ._agent import Agent, AgentSnapshot, LoopSnapshot
 from ._config import OPTION_NAMES, Options, resolve
 from ._errors import ConfigError, check_watch_name
@@ -36,7 +36,7 @@ __all__ = [
     "watch_queue",
 ]
 
-_lock = threading.RLock()
+_lock = _forksafe.rlock()
 _agent: Agent | None = None
 
 

@@ -13,7 +13,6 @@ import platform
 import re
 import socket
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from . import _forksafe
 from . import _fork, _frames
 from . import _unpatched as _os
 from ._config import Options
@@ -110,7 +110,7 @@ class Agent:
             self.metrics.add_part("pool", self.pools.collect, reset=self.pools.reset)
         self.writer = DumpWriter(options.dump_dir, keep=options.dump_keep, cooldown=options.dump_cooldown,
                                  clock=clock)
-        self._lock = threading.RLock()
+        self._lock = _forksafe.rlock()
         self._probes: tuple[LoopProbe, ...] = ()
         # Loops not watched because their clock is not real (test loops that fast-forward time).
         self._left_alone: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()

@@ -13,12 +13,12 @@ import json
 import os
 import re
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import _forksafe
 from ._frames import format_stack
 
 PREFIX = "loopwatch-"
@@ -97,7 +97,7 @@ class DumpWriter:
         self.cooldown = cooldown
         self._clock = clock
         self._last_automatic: float | None = None
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self.disabled_reason: str | None = "dump_keep is 0" if keep == 0 else None
 
     @property

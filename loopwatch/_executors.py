@@ -22,7 +22,6 @@ import asyncio
 import concurrent.futures as cf
 import functools
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from . import _forksafe
 from ._errors import ConfigError, check_watch_name
 from ._hooks import instance_attribute
 from ._log import emit
@@ -88,7 +88,7 @@ class Executors:
         self.threshold = threshold
         self._clock = clock
         self._on_error = on_error
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self._watched: dict[str, _Watched] = {}
         self._loops: dict[str, tuple[weakref.ref[Any], str, Callable[..., Any]]] = {}
         self.histogram = self._new_histogram()
@@ -102,7 +102,7 @@ class Executors:
     def reset(self) -> None:
         """A forked child: fresh lock and histogram; watched executors stay watched (their threads are
         gone, and the executor itself starts new ones)."""
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self.histogram = self._new_histogram()
         for watched in self._watched.values():
             watched.busy = 0

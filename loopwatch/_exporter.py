@@ -31,6 +31,7 @@ from urllib.parse import parse_qs
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
+from . import _forksafe
 from . import _unpatched as _os
 
 # Bind errors after which the next port of a range is tried; anything else (a bad address) stops.
@@ -111,7 +112,7 @@ class Exporter:
         self.addr = addr
         self.ports = range(port, port + 1) if isinstance(port, int) else port
         self._registry = registry
-        self.gate = threading.Lock()
+        self.gate = _forksafe.lock()
         self._server: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._wake: tuple[int, int] | None = None

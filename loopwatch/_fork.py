@@ -14,9 +14,10 @@ gone, and its counters hold the parent's counts.  ``os.register_at_fork`` handle
 * **after**, in the child: forget what belongs to the parent -- close (never ``shutdown``) the
   inherited listening socket, close the waker's descriptors and the in-flight file (it stays the
   parent's: not removed) and unregister its signal handler (POSIX timers do not cross ``fork()``), detach
-  the parent's probes (its loops do not run in the child), replace the locks and start every counter
+  the parent's probes (its loops do not run in the child), free every lock and start every counter
   from zero (``Metrics.reset``, which also calls the ``reset`` that features pass to
-  ``Metrics.add_part``).  Nothing is started yet: the child is *dormant*.
+  ``Metrics.add_part``).  Every lock loopwatch owns was made free again before this handler runs, by
+  ``_forksafe``'s (module-level and metric locks included).  Nothing is started yet: the child is *dormant*.
 * The agent **resumes** in the child when a loop first starts there (the hooks attach it) or
   ``install()`` is called there: a new watchdog thread (with a new waker), a new in-flight file named
   after the child's pid, and the exporter on the first free port of ``metrics_port``'s range.  A child
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from typing import TYPE_CHECKING, Any
 
 from ._log import emit
@@ -130,10 +130,7 @@ def _after_in_child() -> None:
 
 def _forget_parent(agent: Agent, parent_pid: int) -> None:
     """In the child: drop the parent's threads, descriptors, probes and counts (see the docstring)."""
-    # Fresh locks first: any of them may have been held by a thread that does not exist here.
-    agent._lock = threading.RLock()
-    agent.guard._lock = threading.Lock()
-    agent.writer._lock = threading.Lock()
+    # Every lock of loopwatch's is already free here (``_forksafe``'s handler ran first).
     agent.writer._last_automatic = None  # the parent's cooldown is not the child's
     agent.metrics.reset()  # first: a failure below is counted in the child's own errors_total
     agent.fork_pending = True
@@ -142,8 +139,6 @@ def _forget_parent(agent: Agent, parent_pid: int) -> None:
     if exporter is not None:
         exporter.abandon()
     agent.gil_probe.abandon()
-    if agent.native_stacks is not None:
-        agent.native_stacks._busy = threading.Lock()  # a py-spy run of the parent's is not the child's
     watchdog = agent.watchdog
     waker, watchdog.waker = watchdog.waker, None
     if waker is not None:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from . import _forksafe
 from . import _unpatched as _os
 from ._series import Histogram
 
@@ -55,7 +56,7 @@ class GilContention:
         self._switch_interval = switch_interval
         self.enabled = gil_enabled() if enabled is None else enabled
         self._window: deque[float] = deque(maxlen=WINDOW)
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self.histogram = self._new_histogram()
 
     def _new_histogram(self) -> Histogram:
@@ -69,7 +70,7 @@ class GilContention:
 
     def reset(self) -> None:
         """A forked child: fresh lock and histogram, no samples."""
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self._window = deque(maxlen=WINDOW)
         self.histogram = self._new_histogram()
 

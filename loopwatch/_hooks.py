@@ -16,9 +16,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ._patch import Patch
+
 LoopCallback = Callable[[asyncio.AbstractEventLoop], None]
 
 _original_set_running_loop = getattr(_events, "_set_running_loop", None)
+_chained: Any = _original_set_running_loop  # what our _set_running_loop calls: what was installed before it
+_left_in_chain = False  # our _set_running_loop stayed under another library's patch at uninstall()
 _callbacks: tuple[LoopCallback, LoopCallback, LoopCallback, Callable[[BaseException], None]] | None = None
 
 
@@ -37,15 +41,16 @@ def _notify(which: int, loop: asyncio.AbstractEventLoop) -> None:
 
 def _set_running_loop(loop: asyncio.AbstractEventLoop | None) -> None:
     """Drop-in for ``asyncio.events._set_running_loop`` that tells the agent."""
-    if _original_set_running_loop is None:  # pragma: no cover - only installed when it exists
+    chained = _chained
+    if chained is None:  # pragma: no cover - only installed when it exists
         return
     if loop is None:
         previous = _events._get_running_loop()
-        _original_set_running_loop(None)
+        chained(None)
         if previous is not None:
             _notify(1, previous)
     else:
-        _original_set_running_loop(loop)
+        chained(loop)
         _notify(0, loop)
 
 
@@ -55,7 +60,7 @@ class LoopHooks:
     def __init__(self, on_start: LoopCallback, on_stop: LoopCallback, on_close: LoopCallback,
                  on_error: Callable[[BaseException], None]) -> None:
         self._callbacks = (on_start, on_stop, on_close, on_error)
-        self._patched: list[tuple[Any, str, Any]] = []
+        self._patched: list[Patch] = []
         self.notes: list[str] = []
 
     def install(self) -> None:
@@ -65,21 +70,31 @@ class LoopHooks:
             self.notes.append("asyncio.events._set_running_loop not found: loops are watched only "
                               "when install() is called inside them")
         else:
-            for module in (_events, asyncio):
-                if getattr(module, "_set_running_loop", None) is _original_set_running_loop:
-                    self._patch(module, "_set_running_loop", _set_running_loop)
+            global _chained, _left_in_chain
+            current = getattr(_events, "_set_running_loop", None)
+            if current is _original_set_running_loop:  # the other library put asyncio's own back
+                _left_in_chain = False
+            # Ours may still sit in another library's chain (patched over, then uninstalled): it calls
+            # through again as soon as _callbacks is set, and patching again would make a loop.
+            if current is not _set_running_loop and not _left_in_chain:
+                _chained = current  # chain to whatever is installed now (another library's)
+                for module in (_events, asyncio):
+                    if getattr(module, "_set_running_loop", None) is current:
+                        self._patch(module, "_set_running_loop", lambda original: _set_running_loop)
         uvloop = sys.modules.get("uvloop")
         loop_class = getattr(uvloop, "Loop", None)
         original_run_forever = getattr(loop_class, "run_forever", None)
         if loop_class is not None and original_run_forever is not None:
-            def run_forever(self: Any) -> Any:
-                _notify(0, self)
-                try:
-                    return original_run_forever(self)
-                finally:
-                    _notify(1, self)
+            def make_run_forever(original: Any) -> Any:
+                def run_forever(self: Any) -> Any:
+                    _notify(0, self)
+                    try:
+                        return original(self)
+                    finally:
+                        _notify(1, self)
+                return run_forever
             try:
-                self._patch(loop_class, "run_forever", run_forever)
+                self._patch(loop_class, "run_forever", make_run_forever)
             except (TypeError, AttributeError):
                 self.notes.append("uvloop.Loop.run_forever cannot be wrapped: uvloop loops started "
                                   "later are watched only when install() is called inside them")
@@ -90,38 +105,31 @@ class LoopHooks:
         uvloop = sys.modules.get("uvloop")
         owner = getattr(uvloop, "Loop", None)
         if owner is None or not issubclass(loop_class, owner) or any(
-                o is owner and n == "close" for o, n, _ in self._patched):
+                p.owner is owner and p.name == "close" for p in self._patched):
             return
-        original_close = owner.close
 
-        def close(self: Any) -> Any:
-            _notify(2, self)
-            return original_close(self)
+        def make_close(original: Any) -> Any:
+            def close(self: Any) -> Any:
+                _notify(2, self)
+                return original(self)
+            return close
 
-        self._patch(owner, "close", close)
+        self._patch(owner, "close", make_close)
 
-    def _patch(self, owner: Any, name: str, value: Any) -> None:
-        had_own = name in vars(owner)
-        original = vars(owner).get(name)
-        setattr(owner, name, value)
-        self._patched.append((owner, name, original if had_own else _MISSING))
+    def _patch(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+        self._patched.append(Patch(owner, name, make).apply())
 
     def uninstall(self) -> None:
+        """Undo the patches that are still on top; one another library patched over stays in its chain
+        as a pass-through (``_notify`` does nothing once ``_callbacks`` is None)."""
         global _callbacks
         if _callbacks is self._callbacks:
             _callbacks = None
+        global _left_in_chain
         while self._patched:
-            owner, name, original = self._patched.pop()
-            if original is _MISSING:
-                try:
-                    delattr(owner, name)
-                except AttributeError:
-                    pass
-            else:
-                setattr(owner, name, original)
-
-
-_MISSING = object()
+            patch = self._patched.pop()
+            if not patch.undo() and patch.name == "_set_running_loop":
+                _left_in_chain = True
 
 
 def known_loop_method(loop: Any, name: str) -> bool:

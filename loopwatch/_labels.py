@@ -8,9 +8,10 @@ the total).  Keys not updated for ``forget_after`` seconds are dropped first whe
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
+
+from . import _forksafe
 
 OTHER = "other"
 
@@ -27,7 +28,7 @@ class TopN:
         self._counts: dict[str, float] = {}
         self._seen: dict[str, float] = {}
         self._total = 0.0
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
 
     def inc(self, key: str, amount: float = 1.0) -> None:
         with self._lock:

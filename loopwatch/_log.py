@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
+
+from . import _forksafe
 
 std_logger = logging.getLogger("loopwatch")
 
@@ -91,7 +92,7 @@ class Guard:
     def __init__(self, count: Callable[[str], None]) -> None:
         self._count = count
         self._seen: set[tuple[str, type[BaseException]]] = set()
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
 
     def report(self, component: str, exc: BaseException, **context: object) -> None:
         """Count and log ``exc`` raised inside ``component``; never raises."""

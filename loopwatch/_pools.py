@@ -22,7 +22,6 @@ import functools
 import importlib
 import inspect
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from . import _forksafe
 from ._errors import ConfigError
 from ._log import emit
 from ._series import Counter, Histogram
@@ -86,7 +86,7 @@ class Pools:
         self._metrics = metrics
         self._clock = clock
         self._on_error = on_error
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self._pools: dict[str, PoolState] = {}
         self._new_series()
 
@@ -103,7 +103,7 @@ class Pools:
 
     def reset(self) -> None:
         """A forked child: fresh series and lock; watched pools stay watched."""
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self._new_series()
         for state in self._pools.values():
             state.pending, state.held = 0, {}

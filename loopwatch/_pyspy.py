@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import _forksafe
+
 TIMEOUT = 5.0  # seconds py-spy may take
 PR_SET_PTRACER = 0x59616D61
 YAMA = Path("/proc/sys/kernel/yama/ptrace_scope")
@@ -76,7 +78,7 @@ class NativeStacks:
         self._on_error = on_error
         self._log = log
         self.enabled = binary is not None
-        self._busy = threading.Lock()
+        self._busy = _forksafe.lock()
 
     def enrich(self, path: Path, native_id: int, still_stalled: Callable[[], bool], *,
                write: Callable[[Path, bytes], None]) -> threading.Thread | None:

@@ -10,13 +10,14 @@ thread-safe (one lock per labelled child); a forked child replaces the objects (
 
 from __future__ import annotations
 
-import threading
 from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
+
+from . import _forksafe
 
 INF = float("inf")
 
@@ -25,7 +26,7 @@ class _CounterChild:
     __slots__ = ("_lock", "value")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self.value = 0.0
 
     def inc(self, amount: float = 1.0) -> None:
@@ -38,7 +39,7 @@ class _HistogramChild:
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._bounds = bounds
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self.counts = [0] * len(bounds)
         self.sum = 0.0
 
@@ -61,7 +62,7 @@ class _Series:
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], Any] = {}
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
 
     def _child(self) -> Any:
         raise NotImplementedError

@@ -27,7 +27,6 @@ import asyncio.events as _events
 import collections
 import functools
 import math
-import threading
 import time
 import types
 import weakref
@@ -37,9 +36,11 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from . import _forksafe
 from ._frames import is_app_file
 from ._iteration import KNOWN_SELECTS, poll_clock, select_clock
 from ._labels import TopN
+from ._patch import Patch
 from ._series import Histogram
 
 EXACT_WINDOW = 60.0  # seconds of exact timing after an unattributed slow iteration
@@ -130,7 +131,7 @@ def label_from_stack(frame: types.FrameType | None) -> str | None:
     """The callback running on a loop thread, from its stack: the frame just inside ``Handle._run``."""
     inner = None
     while frame is not None:
-        if frame.f_code is _original_run.__code__ or frame.f_code is _timed_run.__code__:
+        if frame.f_code in _RUN_CODES:
             if inner is None:
                 return None
             module = inner.f_globals.get("__name__")
@@ -152,7 +153,7 @@ class SlowCallbacks:
         self._log = log
         self._clock = clock
         self._last_log: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
 
     def record(self, event: SlowCallback) -> None:
         counts = self.counts.get(event.loop)
@@ -172,33 +173,50 @@ class SlowCallbacks:
 
 
 # -- exact mode: Handle._run wrapped while some loop needs it ---------------------------------------
-_original_run = _events.Handle._run
 _exact: dict[int, IterationTimer] = {}  # id(loop) -> its timer, while in exact mode
-_exact_lock = threading.Lock()
+_exact_lock = _forksafe.lock()
+_run_patch: Patch | None = None  # Handle._run wrapped (see _set_exact)
 
 
-def _timed_run(self: asyncio.Handle) -> None:
-    timer = _exact.get(id(self._loop))  # type: ignore[attr-defined]
-    if timer is None:
-        return _original_run(self)
-    start = time.perf_counter()
-    try:
-        return _original_run(self)
-    finally:
-        elapsed = time.perf_counter() - start
-        if elapsed >= timer.threshold:
-            timer.exact_slow(self, elapsed)
+def _make_timed_run(original: Callable[[asyncio.Handle], None]) -> Callable[[asyncio.Handle], None]:
+    """``Handle._run`` timed for the loops in exact mode, chained to the ``_run`` installed before it."""
+    def _run(self: asyncio.Handle) -> None:
+        timer = _exact.get(id(self._loop))  # type: ignore[attr-defined]
+        if timer is None:  # not in exact mode (or a pass-through, left in another library's chain)
+            return original(self)
+        start = time.perf_counter()
+        try:
+            return original(self)
+        finally:
+            elapsed = time.perf_counter() - start
+            if elapsed >= timer.threshold:
+                timer.exact_slow(self, elapsed)
+    return _run
+
+
+# The code of asyncio's Handle._run and of our wrapper: where a callback's frames begin (label_from_stack).
+_STDLIB_RUN = _events.Handle.__dict__["_run"]
+_RUN_CODES = frozenset({_STDLIB_RUN.__code__, _make_timed_run(_STDLIB_RUN).__code__})
 
 
 def _set_exact(timer: IterationTimer, on: bool) -> None:
+    """Wrap ``Handle._run`` while some loop is in exact mode; unwrap when none is -- unless another
+    library wrapped it over ours meanwhile: then ours stays in their chain, idle (``_exact`` is empty),
+    and times again the next time a loop needs it."""
+    global _run_patch
     with _exact_lock:
         if on:
             _exact[timer.key] = timer
         elif _exact.get(timer.key) is timer:
             del _exact[timer.key]
-        wanted = _timed_run if _exact else _original_run
-        if _events.Handle.__dict__.get("_run") is not wanted:
-            _events.Handle._run = wanted  # type: ignore[method-assign]
+        if _exact and _run_patch is not None and not _run_patch.on_top and \
+                _events.Handle.__dict__.get("_run") is _STDLIB_RUN:
+            _run_patch = None  # whoever patched over ours put asyncio's own back: ours is out of the chain
+        if _exact and _run_patch is None:
+            _run_patch = Patch(_events.Handle, "_run", _make_timed_run).apply()
+        elif not _exact and _run_patch is not None and _run_patch.on_top:
+            _run_patch.undo()
+            _run_patch = None
 
 
 class IterationTimer:
@@ -377,7 +395,7 @@ class IterationTimer:
             exact_seen, self.saw_exact_slow = self.saw_exact_slow, False
             self._exact_until = self._clock() + EXACT_WINDOW
             if exact_seen:
-                return  # counted per callback by _timed_run
+                return  # counted per callback by the Handle._run wrapper (_make_timed_run)
         named = self._stall_label()  # the watchdog saw this one mid-stall: (label, culprit)
         self._slow.record(SlowCallback(self.label, busy, named[0] if named else UNATTRIBUTED,
                                        "iteration", culprit=named[1] if named else None))

@@ -24,7 +24,6 @@ while still pending, and the depth of the asyncio queues the application asks us
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from . import _forksafe
 from ._errors import ConfigError, check_watch_name
 from ._hooks import instance_attribute
 from ._labels import TopN
@@ -88,7 +88,7 @@ class TaskHealth:
         self._wall_clock = wall_clock
         self._exceptions = TopN(EXCEPTION_LABELS)
         self._names: dict[type, str] = {}
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self._last_exception = 0.0
         self._destroyed_pending = 0
         self._handlers: dict[LoopProbe, _ChainedHandler] = {}
@@ -100,7 +100,7 @@ class TaskHealth:
     def reset(self) -> None:
         """A forked child (``Metrics.reset``): counts from zero and fresh locks -- one held by another
         thread at ``fork()`` would never be released.  Watched queues stay watched (the child has them too)."""
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self._exceptions = TopN(EXCEPTION_LABELS)
         self._last_exception = 0.0
         self._destroyed_pending = 0

@@ -26,6 +26,8 @@ from typing import Any
 import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from . import _forksafe
+
 TOP = 20
 MIN_WINDOW = 1.0
 OTHER = "other"
@@ -62,12 +64,12 @@ class ThreadCpu:
         self._clock = clock
         self._names = names
         self._kernel_name = kernel_name
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self.reset()
 
     def reset(self) -> None:
         """Start from now (also in a forked child: another process, other threads)."""
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self._pid = os.getpid()
         self._process = psutil.Process() if self._process.pid != self._pid else self._process
         self._last_cpu: dict[int, float] = {}  # tid -> its CPU at the previous scrape
