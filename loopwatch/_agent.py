@@ -9,9 +9,7 @@ import atexit
 import dataclasses
 import errno
 import os
-import platform
 import re
-import socket
 import sys
 import time
 import weakref
@@ -21,23 +19,16 @@ from typing import Any
 
 import psutil
 
-from . import _forksafe
-from . import _fork, _frames
+from . import _fork, _forksafe, _frames
 from . import _unpatched as _os
 from ._config import Options
-from ._dumps import DumpWriter, safe_reason, write_private
+from ._dumps import DumpWriter, build_dump, safe_reason, write_private
 from ._errors import ConfigError
 from ._executors import Executors
 from ._exporter import Exporter
 from ._gc import GcPasses
 from ._gil import GilContention, GilProbe
-from ._gilheld import (
-    FALLBACK_AFTER,
-    INFLIGHT_PREFIX,
-    GilHeldStacks,
-    parse_header,
-    split_stacks,
-)
+from ._gilheld import FALLBACK_AFTER, GilHeldStacks, leftover_dumps
 from ._hooks import LoopHooks, known_loop_method
 from ._iteration import ACCELERATED, BeatActivity, UvActivity, UvStretches
 from ._log import Guard, emit
@@ -225,7 +216,7 @@ class Agent:
             return  # no dumps to add native stacks to (already reported as degraded)
         self.native_stacks = NativeStacks(
             binary=binary, degrade=lambda reason: self._degrade("native_stacks", reason),
-            on_error=lambda exc: self.guard.report("native", exc), log=emit)
+            on_error=lambda exc: self.guard.report("native_stacks", exc), log=emit)
 
     def _degrade(self, feature: str, reason: str) -> None:
         self._degraded.append(f"{feature}: {reason}")
@@ -485,32 +476,9 @@ class Agent:
         return 0.0 if since is None else max(0.0, now - since)
 
     # -- dumps -----------------------------------------------------------------------------------
-    def build_dump(self, reason: str, *, loop: str | None, stall_seconds: float | None,
-                   loop_stack: list[dict[str, Any]], threads: list[dict[str, Any]],
-                   tasks: list[dict[str, Any]], source: str, kind: str | None = None,
-                   cpu_seconds: float | None = None, note: str | None = None,
-                   **overrides: Any) -> dict[str, Any]:
-        dump: dict[str, Any] = {
-            "reason": reason,
-            "timestamp": time.time(),
-            "stall_seconds": None if stall_seconds is None else round(stall_seconds, 6),
-            "service": self.options.service,
-            "pid": os.getpid(),
-            "hostname": socket.gethostname(),
-            "loop": loop,
-            "kind": kind,
-            "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 6),
-            "source": source,
-            "culprit": _frames.culprit_of(loop_stack),
-            "loop_stack": loop_stack,
-            "threads": threads,
-            "tasks": tasks,
-            "python": platform.python_version(),
-            "loopwatch": __version__,
-            "note": note,
-        }
-        dump.update(overrides)
-        return dump
+    def build_dump(self, reason: str, **fields: Any) -> dict[str, Any]:
+        """A dump of this service and process (see ``_dumps.build_dump``)."""
+        return build_dump(reason, **{"service": self.options.service, **fields})
 
     def write_dump(self, dump: dict[str, Any]) -> Path | None:
         """Write a dump from the agent's own threads: failures are counted and logged, never raised."""
@@ -543,7 +511,7 @@ class Agent:
         def still_stalled() -> bool:
             return since is not None and probe.running and activity.busy_since(self._clock()) == since
 
-        with self.guard("native"):
+        with self.guard("native_stacks"):
             self.native_stacks.enrich(path, probe.native_id, still_stalled, write=write_private)
 
     def dump(self, reason: str = "manual") -> Path:
@@ -569,35 +537,10 @@ class Agent:
         return path
 
     def _convert_leftovers(self) -> None:
-        """Turn in-flight files left by processes that died mid-stall into ``unfinished_stall`` dumps."""
+        """In-flight files left by processes that died mid-stall become ``unfinished_stall`` dumps."""
         own = self._gilheld.path if self._gilheld is not None else None
-        for path in sorted(self.options.dump_dir.glob(f"{INFLIGHT_PREFIX}*.txt")):
-            if path == own:
-                continue
-            try:
-                text = path.read_text("utf-8", "replace")
-                mtime = path.stat().st_mtime
-            except OSError:
-                continue
-            header = parse_header(text)
-            if header is None or _process_alive(int(header["pid"]), int(header["created_ms"])):
-                continue
-            body = text.split("\n", 1)[1] if "\n" in text else ""
-            blocks = split_stacks(body) or _frames.split_faulthandler(body)  # this version's, or an older one's
-            if blocks:
-                stacks = _frames.parse_faulthandler(blocks[-1])
-                loop_thread = header["loop_thread"]
-                loop_stack = next(iter(stacks.values()), []) if len(stacks) == 1 else \
-                    stacks.get(loop_thread, []) if isinstance(loop_thread, int) else []
-                dump = self.build_dump(
-                    "unfinished_stall", loop=None, stall_seconds=None, loop_stack=loop_stack,
-                    threads=[_frames.thread_entry(i, s, {}) for i, s in sorted(stacks.items())],
-                    tasks=[], source="faulthandler", pid=header["pid"], service=header["service"],
-                    timestamp=mtime, hostname=None, python=None, loopwatch=None,
-                    note="the process ended during this stall (killed, e.g. by a liveness probe, or "
-                         "crashed); its loop thread wrote this stack while the stall was going on")
-                self.write_dump(dump)
-            path.unlink(missing_ok=True)
+        for dump in leftover_dumps(self.options.dump_dir, own=own, build=self.build_dump):
+            self.write_dump(dump)
 
     # -- inspection ------------------------------------------------------------------------------
     @property
@@ -611,10 +554,3 @@ class Agent:
                                    p.last_delay) for p in self._probes)
         return AgentSnapshot(self.metrics_url, self.options.dump_dir, self.writer.enabled,
                              tuple(self._degraded), loops, pid=os.getpid())
-
-
-def _process_alive(pid: int, created_ms: int) -> bool:
-    try:
-        return abs(psutil.Process(pid).create_time() * 1000 - created_ms) < 1000
-    except psutil.Error:
-        return False

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import platform
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _forksafe
-from ._frames import format_stack
+from ._frames import culprit_of, format_stack
+from ._version import __version__
 
 PREFIX = "loopwatch-"
 _REASON = re.compile(r"[^a-z0-9_]+")
@@ -161,3 +164,31 @@ class DumpWriter:
                     victim.unlink()
                 except FileNotFoundError:
                     pass
+
+
+def build_dump(reason: str, *, service: str, loop: str | None, stall_seconds: float | None,
+               loop_stack: list[dict[str, Any]], threads: list[dict[str, Any]], tasks: list[dict[str, Any]],
+               source: str, kind: str | None = None, cpu_seconds: float | None = None, note: str | None = None,
+               **overrides: Any) -> dict[str, Any]:
+    """A dump's fields (the README's dump format), in order; ``overrides`` replace or add fields."""
+    dump: dict[str, Any] = {
+        "reason": reason,
+        "timestamp": time.time(),
+        "stall_seconds": None if stall_seconds is None else round(stall_seconds, 6),
+        "service": service,
+        "pid": os.getpid(),
+        "hostname": socket.gethostname(),
+        "loop": loop,
+        "kind": kind,
+        "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 6),
+        "source": source,
+        "culprit": culprit_of(loop_stack),
+        "loop_stack": loop_stack,
+        "threads": threads,
+        "tasks": tasks,
+        "python": platform.python_version(),
+        "loopwatch": __version__,
+        "note": note,
+    }
+    dump.update(overrides)
+    return dump

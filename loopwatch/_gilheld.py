@@ -31,8 +31,13 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
+
+from . import _frames
 from . import _unpatched as _os
 from ._dumps import PREFIX
 
@@ -260,3 +265,42 @@ class GilHeldStacks:
 
 def threading_native_id() -> int:
     return _os.get_native_id()
+
+
+def leftover_dumps(directory: Path, *, own: Path | None,
+                   build: Callable[..., dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``unfinished_stall`` dumps from the in-flight files of processes that died mid-stall (each file
+    is removed once read; ``own`` -- this process's -- is skipped)."""
+    for path in sorted(directory.glob(f"{INFLIGHT_PREFIX}*.txt")):
+        if path == own:
+            continue
+        try:
+            text = path.read_text("utf-8", "replace")
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        header = parse_header(text)
+        if header is None or _process_alive(int(header["pid"]), int(header["created_ms"])):  # type: ignore[call-overload]
+            continue
+        body = text.split("\n", 1)[1] if "\n" in text else ""
+        blocks = split_stacks(body) or _frames.split_faulthandler(body)  # this version's, or an older one's
+        if blocks:
+            stacks = _frames.parse_faulthandler(blocks[-1])
+            loop_thread = header["loop_thread"]
+            loop_stack = next(iter(stacks.values()), []) if len(stacks) == 1 else \
+                stacks.get(loop_thread, []) if isinstance(loop_thread, int) else []
+            yield build(
+                "unfinished_stall", loop=None, stall_seconds=None, loop_stack=loop_stack,
+                threads=[_frames.thread_entry(i, s, {}) for i, s in sorted(stacks.items())],
+                tasks=[], source="faulthandler", pid=header["pid"], service=header["service"],
+                timestamp=mtime, hostname=None, python=None, loopwatch=None,
+                note="the process ended during this stall (killed, e.g. by a liveness probe, or "
+                     "crashed); its loop thread wrote this stack while the stall was going on")
+        path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int, created_ms: int) -> bool:
+    try:
+        return abs(psutil.Process(pid).create_time() * 1000 - created_ms) < 1000
+    except psutil.Error:
+        return False
