@@ -302,15 +302,14 @@ class Agent:
         probe.start()
         self._arm_fallback(probe)
         with self.guard("hooks"):
-            if not self.options.enabled("tasks"):
-                pass
-            elif known_loop_method(loop, "call_exception_handler"):
-                self.task_health.attach(probe)
-            else:
-                self._not_patched(loop, "call_exception_handler", probe)
+            if self.options.enabled("tasks"):
+                if known_loop_method(loop, "call_exception_handler"):
+                    self.task_health.attach(probe)
+                else:
+                    self._not_patched(loop, "call_exception_handler", probe)
         with self.guard("executor"):
             if not self.options.enabled("executors"):
-                pass
+                pass  # ``disable=executors``: run_in_executor left as it is
             elif not known_loop_method(loop, "run_in_executor"):
                 self._not_patched(loop, "run_in_executor", probe)
             elif not self.executors.attach(loop, probe.label):
