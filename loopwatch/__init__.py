@@ -18,6 +18,7 @@ from ._agent import Agent, AgentSnapshot, LoopSnapshot
 from ._config import OPTION_NAMES, Options, resolve
 from ._errors import ConfigError, check_watch_name
 from ._executors import check_executor
+from ._pools import Pools
 from ._tasks import check_queue
 from ._version import __version__
 
@@ -128,7 +129,7 @@ def watch_executor(executor: _Executor, name: str) -> _Executor:
     agent = _agent
     if agent is None or not agent.started:
         raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_executor()")
-    if agent.options.enabled("executors"):
+    if agent.executors is not None:  # None: ``disable=executors``
         agent.executors.watch(executor, name)
     return executor
 
@@ -151,10 +152,10 @@ def watch_pool(pool: _Pool, name: str) -> _Pool:
     agent = _agent
     if agent is None or not agent.started:
         raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_pool()")
-    if agent.options.enabled("pools"):
+    if agent.pools is not None:
         agent.pools.watch(pool, name)
-    else:
-        agent.pools.check(pool)
+    else:  # ``disable=pools``: the pool is still checked
+        Pools.check(pool)
     return pool
 
 
@@ -176,6 +177,6 @@ def watch_queue(queue: _Queue, name: str) -> _Queue:
     agent = _agent
     if agent is None or not agent.started:
         raise RuntimeError("loopwatch is not installed: call loopwatch.install() before loopwatch.watch_queue()")
-    if not agent.options.enabled("tasks"):  # ``disable=tasks``: queue depths are task health's series
+    if agent.task_health is None:  # ``disable=tasks``: queue depths are task health's series
         return queue
     return agent.task_health.watch_queue(queue, name)

@@ -1,5 +1,6 @@
-"""The agent: owns the metrics, the probes (one per watched loop), the watchdog thread, the dump
-writer, the faulthandler watch, the exporter and the loop hooks -- and undoes all of it on ``stop()``.
+"""The agent: composes the components (one per feature, see ``_component``), watches the loops (one probe
+per loop, attached by the loop hooks) and tells the components about them -- and undoes all of it on
+``stop()``.  Lifecycle and composition only: each feature's work is in its own module.
 """
 
 from __future__ import annotations
@@ -7,36 +8,33 @@ from __future__ import annotations
 import asyncio
 import atexit
 import dataclasses
-import errno
 import os
 import re
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from . import _fork, _forksafe, _frames
 from . import _unpatched as _os
+from ._component import Component, Naming, weak
 from ._config import Options
-from ._dumps import DumpWriter, build_dump, safe_reason, write_private
+from ._dumps import Dumps, safe_reason
 from ._errors import ConfigError
 from ._executors import Executors
-from ._exporter import Exporter
+from ._exporter import MetricsEndpoint
 from ._gc import GcPasses
-from ._gil import GilContention, GilProbe
-from ._gilheld import FALLBACK_AFTER, GilHeldStacks, leftover_dumps
+from ._gil import GilContention
+from ._gilheld import FaulthandlerFallback
 from ._hooks import LoopHooks, known_loop_method
 from ._iteration import ACCELERATED, BeatActivity, UvActivity, UvStretches
-from ._log import Guard, emit
-from ._metrics import Metrics
+from ._log import Degraded, Guard, emit
+from ._metrics import Errors, LoopLag
 from ._pools import Pools
-from ._probe import LoopProbe, virtual_clock
-from ._pyspy import NativeStacks, find_pyspy
-from ._slow import IterationTimer, SlowCallback, SlowCallbackMetrics, SlowCallbacks
+from ._probe import LoopProbe, Loops, virtual_clock
+from ._slow import IterationTimer, SlowCallback, SlowCallbackMetrics
 from ._tasks import TaskHealth
 from ._threads import ThreadCpu
 from ._version import __version__
@@ -69,89 +67,106 @@ class AgentSnapshot:
 
 
 class Agent:
-    """A running loopwatch agent.  Create it with :func:`loopwatch.install`."""
+    """A running loopwatch agent.  Create it with :func:`loopwatch.install`.
+
+    The agent composes the components (``_component``): it builds each feature that is not switched off,
+    hands it what it needs, registers each with the registry on its own, starts and stops them, and
+    tells them when a loop is attached or detached.  Lifecycle and composition only.
+    """
 
     def __init__(self, options: Options, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.options = options
         self._clock = clock
-        self.metrics = Metrics(options.namespace, options.service, options.lag_thresholds,
-                               live_lag=self._live_lag)
-        self.guard = Guard(self.metrics.count_error)
-        self.metrics.on_error = lambda component, exc: self.guard.report(component, exc)
-        on = options.enabled  # a feature named in ``disable`` exports, patches and runs nothing
-        self.task_health = TaskHealth(self, export=on("tasks"))
-        self.slow_metrics = SlowCallbackMetrics(self.metrics, self.probes, slow=on("slow_callbacks"))
-        self.slow = SlowCallbacks(options.slow_callback_threshold, observe=self.slow_metrics.observe,
-                                  log=self._log_slow, clock=clock)
-        self.metrics.add_part("collector", lambda: self.slow_metrics.collect(self.slow.counts))
-        self.threads = ThreadCpu(self.metrics, clock=clock)
-        if on("threads"):
-            self.metrics.add_part("threads", self.threads.collect, reset=self.threads.reset)
-        self.gil = GilContention(self.metrics)
-        if on("gil"):
-            self.metrics.add_part("gil", self.gil.collect, reset=self.gil.reset)
-        self.gil_probe = GilProbe(self.gil, options.gil_probe_interval,
-                                  on_error=lambda exc: self.guard.report("gil", exc))
-        self.executors = Executors(self.metrics, threshold=options.executor_wait_threshold, clock=clock,
-                                   on_error=lambda exc: self.guard.report("executor", exc))
-        if on("executors"):
-            self.metrics.add_part("executor", self.executors.collect, reset=self.executors.reset)
-        self.pools = Pools(self.metrics, clock=clock, on_error=lambda exc: self.guard.report("pool", exc))
-        if on("pools"):
-            self.metrics.add_part("pool", self.pools.collect, reset=self.pools.reset)
-        self.writer = DumpWriter(options.dump_dir, keep=options.dump_keep, cooldown=options.dump_cooldown,
-                                 clock=clock)
-        self._lock = _forksafe.rlock()
-        self._probes: tuple[LoopProbe, ...] = ()
+        naming = Naming(options.namespace, options.service)
+        self.errors = Errors(naming)
+        self.guard = Guard(self.errors.count)
+        report = self.guard.report
+        self._lock = _forksafe.rlock()  # attach and detach
+        self.loops = loops = Loops(clock)  # what components read; the agent adds and removes
         # Loops not watched because their clock is not real (test loops that fast-forward time).
         self._left_alone: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        self._degrade = Degraded()
         self.accelerated = options.accelerator and ACCELERATED
-        self._gilheld: GilHeldStacks | None = None  # stacks of stalls that hold the GIL (see _gilheld)
-        self._gilheld_owner: LoopProbe | None = None
         self.gc = GcPasses(accelerated=self.accelerated)
-        self._exporter: Exporter | None = None
-        self._hooks = LoopHooks(self._on_loop_start, self._on_loop_stop, self._on_loop_close,
-                                lambda exc: self.guard.report("hooks", exc))
-        self.watchdog = Watchdog(options=options, probes=self.probes, count_spike=self.metrics.count_spike,
-                                 writer=self.writer, guard=self.guard, slow=self.slow, build_dump=self.build_dump,
-                                 write_dump=self.write_dump, detach=self.detach, gilheld=self.gilheld_for,
+        on = options.enabled  # a feature named in ``disable`` is not built: no series, no patch, no thread
+
+        self.lag = LoopLag(naming, options.lag_thresholds, loops.live_lag, report=report)
+        self.slow_metrics = SlowCallbackMetrics(naming, loops, threshold=options.slow_callback_threshold,
+                                                log=_log_slow, clock=clock, slow=on("slow_callbacks"), report=report)
+        self.slow = self.slow_metrics.slow
+        self.task_health = TaskHealth(naming, loops, report=report, degrade=self._degrade) \
+            if on("tasks") else None
+        self.threads = ThreadCpu(naming, clock=clock, report=report) if on("threads") else None
+        self.gil = GilContention(naming, interval=options.gil_probe_interval, report=report) if on("gil") else None
+        self.executors = Executors(naming, threshold=options.executor_wait_threshold, clock=clock,
+                                   on_error=lambda exc: report("executor", exc)) if on("executors") else None
+        self.pools = Pools(naming, clock=clock, on_error=lambda exc: report("pool", exc)) if on("pools") else None
+        self.dumps = dumps = Dumps(naming, options.dump_dir, keep=options.dump_keep, cooldown=options.dump_cooldown,
+                                   native_stacks=options.native_stacks, busy_since=loops.stall_of, clock=clock,
+                                   report=report, degrade=self._degrade)
+        self.writer = dumps.writer
+        self.fallback = FaulthandlerFallback(
+            options.dump_dir, service=options.service, enabled=lambda: options.faulthandler and dumps.enabled,
+            first_look=SAMPLE_AT * options.dump_threshold, clock=clock, report=report, count=self.errors.count,
+            degrade=self._degrade)
+        self.exporter = MetricsEndpoint(options.metrics_addr, options.metrics_ports, options.metrics_port_text,
+                                        options.registry, report=report, count=self.errors.count,
+                                        degrade=self._degrade) if options.metrics_port else None
+        self.watchdog = Watchdog(options=options, probes=loops, count_spike=self.lag.count_spike,
+                                 writer=self.writer, guard=self.guard, slow=self.slow, build_dump=dumps.build,
+                                 write_dump=dumps.write, detach=weak(self.detach), gilheld=self.fallback.for_probe,
                                  gc=self.gc, accelerated=self.accelerated, clock=clock)
-        self._degraded: list[str] = []
-        self.native_stacks: NativeStacks | None = None
-        self._registered = False
+        # Start order (stop is the reverse); registry order too: errors_total last, so a scrape counts
+        # the failures of that very scrape.
+        self.components: tuple[Component, ...] = tuple(c for c in (
+            self.lag, self.slow_metrics, self.task_health, self.threads, self.executors, self.pools, dumps,
+            self.fallback, self.exporter, self.watchdog, self.gil, self.errors) if c is not None)
+        self._hooks = LoopHooks(self._on_loop_start, self._on_loop_stop, self._on_loop_close,
+                                lambda exc: report("hooks", exc))
+        self._registered: list[Component] = []
         self.started = False
         self.fork_pending = False  # a forked child that has not resumed yet (see _fork)
         self.parent_pid: int | None = None  # set in a forked child
 
     # -- lifecycle -------------------------------------------------------------------------------
+    def register(self) -> None:
+        """Register every component with the registry, each on its own; a name clash raises
+        :class:`ConfigError` and leaves none registered."""
+        registry = self.options.registry
+        for component in self.components:
+            try:
+                registry.register(component)
+            except ValueError as exc:
+                self.unregister()
+                raise ConfigError(
+                    f"registry already has metrics named like {self.options.namespace}_*: {exc}; "
+                    f"pass another namespace, or another registry") from None
+            self._registered.append(component)
+
+    def unregister(self) -> None:
+        while self._registered:
+            try:
+                self.options.registry.unregister(self._registered.pop())
+            except KeyError:
+                pass
+
     def start(self) -> None:
         """Register, prepare and start everything; only a registry clash raises (nothing is left)."""
-        try:
-            self.options.registry.register(self.metrics)
-        except ValueError as exc:
-            raise ConfigError(
-                f"registry already has metrics named like {self.options.namespace}_*: {exc}; "
-                f"pass another namespace, or another registry") from None
-        self._registered = True
+        self.register()
         self.started = True
-        self.writer.prepare()
-        if not self.writer.enabled:
-            self._degrade("dumps", self.writer.disabled_reason or "disabled")
-        else:
+        _forksafe.at_fork(self.errors)  # first in a forked child: the others' failures count in the child's
+        for component in self.components:
+            _forksafe.at_fork(component)
+        self.gc.install()
+        for component in self.components:
+            with self.guard(component.component):
+                component.start()
+        if self.dumps.enabled:
             with self.guard("dump"):
-                self._convert_leftovers()
-            if self.options.faulthandler:
-                self._open_gilheld()
-        if self.options.metrics_port:
-            self._start_exporter()
+                self.fallback.convert_leftovers(self.dumps.build, self.dumps.write)
         self._hooks.install()
         for note in self._hooks.notes:
             self._degrade("hooks", note)
-        self.gc.install()
-        self.watchdog.start()
-        self.gil_probe.start()
-        if self.options.native_stacks:
-            self._start_native_stacks()
         atexit.register(self.stop)
         _fork.register(self)
         try:
@@ -161,8 +176,14 @@ class Agent:
         probe = self.attach(loop) if loop is not None else None
         emit("info", "loopwatch.installed", version=__version__, namespace=self.options.namespace,
                     service=self.options.service, pid=os.getpid(), metrics_url=self.metrics_url,
-                    dump_dir=str(self.options.dump_dir), dumps=self.writer.enabled,
+                    dump_dir=str(self.options.dump_dir), dumps=self.dumps.enabled,
                     loop=None if probe is None else probe.label)
+
+    def resume(self) -> None:
+        """In a forked child (see ``_fork``): start again what the child lacks -- each component knows."""
+        for component in self.components:
+            with self.guard(component.component):
+                component.start()
 
     def stop(self) -> None:
         """Stop threads, cancel probes, undo patches, unregister the metrics.  Idempotent."""
@@ -172,99 +193,28 @@ class Agent:
         _fork.unregister(self)
         atexit.unregister(self.stop)
         self._hooks.uninstall()
-        self.gil_probe.stop()
-        self.watchdog.stop()
-        self.watchdog.drain()
+        for component in reversed(self.components):
+            _forksafe.forget(component)
+            with self.guard(component.component):
+                component.stop()
         self.gc.uninstall()
         with self._lock:
-            probes, self._probes = self._probes, ()
-            self._gilheld_owner = None
-        with self.guard("hooks"):
-            self.task_health.stop()
-        with self.guard("executor"):
-            self.executors.stop()
-        with self.guard("pool"):
-            self.pools.stop()
+            probes, self.loops.probes = self.loops.probes, ()
         for probe in probes:
             with self.guard("probe"):
                 probe.stop()
                 if probe.activity is not None:
                     probe.activity.uninstall()
-        if self._gilheld is not None:
-            with self.guard("faulthandler"):
-                self._gilheld.close()
-            self._gilheld = None
-        if self._exporter is not None:
-            with self.guard("exporter"):
-                self._exporter.close()
-            self._exporter = None
-        if self._registered:
-            self._registered = False
-            try:
-                self.options.registry.unregister(self.metrics)
-            except KeyError:
-                pass
+        self.unregister()
         emit("info", "loopwatch.uninstalled")
 
-    def _start_native_stacks(self) -> None:
-        binary = find_pyspy()
-        if binary is None:
-            self._degrade("native_stacks", "py-spy not found next to the interpreter or on PATH: "
-                                           "pip install 'loopwatch[pyspy]'")
-            return
-        if not self.writer.enabled:
-            return  # no dumps to add native stacks to (already reported as degraded)
-        self.native_stacks = NativeStacks(
-            binary=binary, degrade=lambda reason: self._degrade("native_stacks", reason),
-            on_error=lambda exc: self.guard.report("native_stacks", exc), log=emit)
-
-    def _degrade(self, feature: str, reason: str) -> None:
-        self._degraded.append(f"{feature}: {reason}")
-        emit("warning", "loopwatch.degraded", feature=feature, reason=reason)
-
-    def _start_exporter(self) -> None:
-        ports = self.options.metrics_ports
-        exporter = Exporter(self.options.metrics_addr, ports, self.options.registry)
-        exporter.on_error = lambda exc: self.guard.report("exporter", exc)
-        try:
-            exporter.start()
-        except OSError as exc:
-            self.metrics.count_error("exporter")
-            where = f"{self.options.metrics_addr}:{self.options.metrics_port_text}"
-            if len(ports) > 1 and exc.errno == errno.EADDRINUSE:
-                why = f"no free port in the range {self.options.metrics_port_text} ({exc.strerror or exc})"
-            else:
-                why = str(exc.strerror or exc)
-            self._degrade("exporter", f"cannot serve /metrics on {where}: {why}; metrics are "
-                                      f"still collected in the registry")
-            return
-        self._exporter = exporter
-
-    def _open_gilheld(self) -> None:
-        try:
-            created_ms = int(psutil.Process().create_time() * 1000)
-            gilheld = GilHeldStacks(self.options.dump_dir, pid=os.getpid(), created_ms=created_ms,
-                                    service=self.options.service)
-            why = gilheld.open()
-        except (OSError, psutil.Error, ValueError, RuntimeError) as exc:
-            self.metrics.count_error("faulthandler")
-            self._degrade("faulthandler", f"cannot set up stacks of stalls that hold the GIL: {exc}")
-            return
-        if why is not None:
-            self._degrade("faulthandler", f"stalls that hold the GIL are counted without a stack: {why}")
-            return
-        self._gilheld = gilheld
-
     # -- loops -----------------------------------------------------------------------------------
-    def probes(self) -> tuple[LoopProbe, ...]:
-        return self._probes
-
     def attach(self, loop: asyncio.AbstractEventLoop) -> LoopProbe | None:
         """Watch ``loop`` (or resume watching it).  Must be called in the loop's thread."""
         if self.fork_pending:
             _fork.resume(self)
         with self._lock:
-            for probe in self._probes:
+            for probe in self.loops.probes:
                 if probe.loop is loop:
                     if not probe.running:
                         probe.resume()
@@ -276,45 +226,37 @@ class Agent:
             if reason is not None:
                 self._leave_alone(loop, reason)
                 return None
-            for closed in [p for p in self._probes if p.closed]:
+            for closed in [p for p in self.loops.probes if p.closed]:
                 self._detach_locked(closed)
-            if len(self._probes) >= MAX_LOOPS:
+            if len(self.loops.probes) >= MAX_LOOPS:
                 self.guard.report("probe", RuntimeError(f"more than {MAX_LOOPS} loops; not watching more"))
                 return None
             probe = LoopProbe(loop, self._new_label(), interval=self.options.probe_interval,
-                              late_threshold=self.options.dump_threshold, observe=self.metrics.observe_delay,
+                              late_threshold=self.options.dump_threshold, observe=self.lag.observe_delay,
                               on_error=lambda exc: self.guard.report("probe", exc),
                               on_collected=self._on_collected, on_virtual_clock=self._on_virtual_clock,
                               clock=self._clock)
-            self.metrics.add_loop(probe.label)
+            self.lag.add_loop(probe.label)
             probe.activity = self._activity_for(loop, probe)
             if getattr(probe.activity, "parkable", False):
                 probe.activity.set_park(self.watchdog.park)
-            gilheld = self._gilheld
-            owner = self._gilheld_owner
-            if gilheld is not None and (owner is None or not owner.running or owner.closed):
-                self._gilheld_owner = probe
-                why = gilheld.watch(probe.native_id, probe.thread_ident)
-                if why is not None:
-                    self._gilheld_owner = None
-                    self.guard.report("faulthandler", RuntimeError(why))
-            self._probes = (*self._probes, probe)
+            self.fallback.attach(probe)
+            self.loops.probes = (*self.loops.probes, probe)
         probe.start()
         self._arm_fallback(probe)
-        with self.guard("hooks"):
-            if self.options.enabled("tasks"):
+        if self.task_health is not None:
+            with self.guard("hooks"):
                 if known_loop_method(loop, "call_exception_handler"):
                     self.task_health.attach(probe)
                 else:
                     self._not_patched(loop, "call_exception_handler", probe)
-        with self.guard("executor"):
-            if not self.options.enabled("executors"):
-                pass  # ``disable=executors``: run_in_executor left as it is
-            elif not known_loop_method(loop, "run_in_executor"):
-                self._not_patched(loop, "run_in_executor", probe)
-            elif not self.executors.attach(loop, probe.label):
-                self._degrade("executor", f"cannot wrap {type(loop).__qualname__}.run_in_executor: the default "
-                                          f"executor of loop {probe.label!r} is not measured")
+        if self.executors is not None:
+            with self.guard("executor"):
+                if not known_loop_method(loop, "run_in_executor"):
+                    self._not_patched(loop, "run_in_executor", probe)
+                elif not self.executors.attach(loop, probe.label):
+                    self._degrade("executor", f"cannot wrap {type(loop).__qualname__}.run_in_executor: the "
+                                              f"default executor of loop {probe.label!r} is not measured")
         return probe
 
     def attach_current_loop(self) -> None:
@@ -328,16 +270,13 @@ class Agent:
         self.attach(loop)
 
     def _arm_fallback(self, probe: LoopProbe) -> None:
-        """The loop starts running: a stall that holds the GIL before the watchdog's next look (at most
-        ``SAMPLE_AT`` of the threshold away) still gets its stack; the watchdog re-arms it from then on."""
-        if probe is self._gilheld_owner and self._gilheld is not None:
-            with self.guard("faulthandler"):
-                self._gilheld.arm(self._clock() + SAMPLE_AT * self.options.dump_threshold + FALLBACK_AFTER)
+        with self.guard("faulthandler"):
+            self.fallback.arm(probe)
 
     def _new_label(self) -> str:
         thread = _os.current_thread()
         base = "main" if thread is _os.main_thread() else re.sub(r"\s+", "_", thread.name)[:64]
-        taken = {p.label for p in self._probes}
+        taken = {p.label for p in self.loops.probes}
         label, n = base, 2
         while label in taken:
             label, n = f"{base}-{n}", n + 1
@@ -349,21 +288,19 @@ class Agent:
             self._detach_locked(probe)
 
     def _detach_locked(self, probe: LoopProbe) -> None:
-        if probe not in self._probes:
+        if probe not in self.loops.probes:
             return
-        self._probes = tuple(p for p in self._probes if p is not probe)
+        self.loops.probes = tuple(p for p in self.loops.probes if p is not probe)
         probe.stop()
-        self.task_health.detach(probe)
-        self.executors.detach(probe.label)
+        if self.task_health is not None:
+            self.task_health.detach(probe)
+        if self.executors is not None:
+            self.executors.detach(probe.label)
         if probe.activity is not None:
             probe.activity.uninstall()
-        self.metrics.remove_loop(probe.label)
+        self.lag.remove_loop(probe.label)
         self.slow_metrics.remove_loop(probe.label)
-        self.slow.counts.pop(probe.label, None)
-        if self._gilheld_owner is probe:
-            self._gilheld_owner = None
-            if self._gilheld is not None:
-                self._gilheld.watch(None)
+        self.fallback.detach(probe)
 
     def _activity_for(self, loop: asyncio.AbstractEventLoop, probe: LoopProbe) -> Any:
         """The loop's iteration clock: its selector's (stdlib), libuv's (uvloop, with the accelerator), or
@@ -394,12 +331,6 @@ class Agent:
                     self._degrade("uvloop", f"cannot time uvloop's iterations ({exc!r}): stalls are timed from "
                                             f"the probe's beats, a lower bound short by up to probe_interval")
         return BeatActivity(probe)
-
-    def _log_slow(self, event: SlowCallback) -> None:
-        fields = dataclasses.asdict(event)
-        fields["duration"] = round(event.duration, 6)
-        fields["callback"] = fields.pop("label")
-        emit("warning", "loopwatch.slow_callback", **fields)
 
     @staticmethod
     def _not_patched(loop: asyncio.AbstractEventLoop, method: str, probe: LoopProbe) -> None:
@@ -437,119 +368,55 @@ class Agent:
             self.attach(loop)
 
     def _on_loop_stop(self, loop: asyncio.AbstractEventLoop) -> None:
-        for probe in self._probes:
+        for probe in self.loops.probes:
             if probe.loop is loop:
                 probe.pause()
-                if probe is self._gilheld_owner and self._gilheld is not None:
-                    self._gilheld.disarm()
+                self.fallback.pause(probe)
 
     def _on_loop_close(self, loop: asyncio.AbstractEventLoop) -> None:
         """A uvloop loop is about to close: our libuv handles must be closed first (uvloop's close walks
         every handle of the loop and takes each for one of its own)."""
-        for probe in self._probes:
+        for probe in self.loops.probes:
             if probe.loop is loop and probe.activity is not None:
                 probe.activity.uninstall()
 
-    def gilheld_for(self, probe: LoopProbe) -> GilHeldStacks | None:
-        return self._gilheld if probe is self._gilheld_owner else None
-
-    def _live_lag(self) -> Iterator[tuple[str, float]]:
-        try:
-            now = self._clock()
-            values = [(p.label, self.lag_of(p, now)) for p in self._probes]
-        except Exception as exc:  # noqa: BLE001 - a scrape must never fail because of us
-            self.guard.report("collector", exc)
-            return iter(())
-        return iter(values)
-
-    @staticmethod
-    def lag_of(probe: LoopProbe, now: float) -> float:
-        """How long ``probe``'s loop has been stuck right now: the age of the busy stretch in progress
-        (0 while it waits); on the beat fallback, how overdue its beat is."""
-        if not probe.running:
-            return 0.0
-        activity = probe.activity
-        if activity is None or not activity.exact:
-            return probe.lag(now)
-        since = activity.busy_since(now)
-        return 0.0 if since is None else max(0.0, now - since)
-
     # -- dumps -----------------------------------------------------------------------------------
-    def build_dump(self, reason: str, **fields: Any) -> dict[str, Any]:
-        """A dump of this service and process (see ``_dumps.build_dump``)."""
-        return build_dump(reason, **{"service": self.options.service, **fields})
-
-    def write_dump(self, dump: dict[str, Any]) -> Path | None:
-        """Write a dump from the agent's own threads: failures are counted and logged, never raised."""
-        try:
-            path = self.writer.write(dump)
-        except OSError as exc:
-            self.guard.report("dump", exc, dump_dir=str(self.options.dump_dir))
-            return None
-        self._after_write(dump, path)
-        return path
-
-    def _after_write(self, dump: dict[str, Any], path: Path) -> None:
-        self.metrics.count_dump(dump["reason"])
-        if self.native_stacks is not None and dump.get("source") == "watchdog" and dump["reason"] == "event_loop_lag":
-            self._enrich_natively(dump, path)
-        culprit = dump.get("culprit")
-        emit("warning", "loopwatch.dump", reason=dump["reason"], path=str(path), loop=dump.get("loop"),
-                       stall_seconds=dump.get("stall_seconds"), source=dump.get("source"),
-                       culprit=None if not culprit else
-                       f"{culprit['filename']}:{culprit['lineno']} in {culprit['function']}")
-
-    def _enrich_natively(self, dump: dict[str, Any], path: Path) -> None:
-        """py-spy adds the loop thread's native stack to this mid-stall dump, if the stall lasts."""
-        probe = next((p for p in self._probes if p.label == dump.get("loop")), None)
-        if probe is None or self.native_stacks is None or probe.activity is None:
-            return
-        activity = probe.activity
-        since = activity.busy_since(self._clock())
-
-        def still_stalled() -> bool:
-            return since is not None and probe.running and activity.busy_since(self._clock()) == since
-
-        with self.guard("native_stacks"):
-            self.native_stacks.enrich(path, probe.native_id, still_stalled, write=write_private)
-
     def dump(self, reason: str = "manual") -> Path:
         """Write a dump now (from any thread); raises ``RuntimeError`` if dumps are disabled."""
         if not self.started:
             raise RuntimeError("loopwatch is not installed")
-        if not self.writer.enabled:
+        if not self.dumps.enabled:
             raise RuntimeError(f"loopwatch dumps are disabled: {self.writer.disabled_reason}")
         frames = _frames.current_frames()
         here = _os.get_ident()
-        probes = self._probes
+        probes = self.loops.probes
         probe = next((p for p in probes if p.thread_ident == here), probes[0] if probes else None)
         loop_stack = _frames.stack_of(frames.get(probe.thread_ident)) if probe else []
         threads = _frames.all_thread_stacks(frames)
         del frames
         loop = probe.loop if probe is not None else None
         tasks = _frames.task_stacks(loop) if loop is not None and not loop.is_closed() else []
-        lag = self.lag_of(probe, self._clock()) if probe is not None and probe.running else None
-        dump = self.build_dump(safe_reason(reason), loop=probe.label if probe else None, stall_seconds=lag,
-                               loop_stack=loop_stack, threads=threads, tasks=tasks, source="manual")
-        path = self.writer.write(dump)
-        self._after_write(dump, path)
-        return path
-
-    def _convert_leftovers(self) -> None:
-        """In-flight files left by processes that died mid-stall become ``unfinished_stall`` dumps."""
-        own = self._gilheld.path if self._gilheld is not None else None
-        for dump in leftover_dumps(self.options.dump_dir, own=own, build=self.build_dump):
-            self.write_dump(dump)
+        lag = self.loops.lag_of(probe, self._clock()) if probe is not None and probe.running else None
+        dump = self.dumps.build(safe_reason(reason), loop=probe.label if probe else None, stall_seconds=lag,
+                                loop_stack=loop_stack, threads=threads, tasks=tasks, source="manual")
+        return self.dumps.write_or_raise(dump)
 
     # -- inspection ------------------------------------------------------------------------------
     @property
     def metrics_url(self) -> str | None:
         """The built-in exporter's URL, or ``None`` (port 0, or it could not bind)."""
-        return self._exporter.url if self._exporter is not None else None
+        return self.exporter.url if self.exporter is not None else None
 
     def snapshot(self) -> AgentSnapshot:
         now = self._clock()
         loops = tuple(LoopSnapshot(p.label, p.thread_name, p.running, p.lag(now) if p.running else 0.0,
-                                   p.last_delay) for p in self._probes)
-        return AgentSnapshot(self.metrics_url, self.options.dump_dir, self.writer.enabled,
-                             tuple(self._degraded), loops, pid=os.getpid())
+                                   p.last_delay) for p in self.loops.probes)
+        return AgentSnapshot(self.metrics_url, self.options.dump_dir, self.dumps.enabled,
+                             tuple(self._degrade.notes), loops, pid=os.getpid())
+
+
+def _log_slow(event: SlowCallback) -> None:
+    fields = dataclasses.asdict(event)
+    fields["duration"] = round(event.duration, 6)
+    fields["callback"] = fields.pop("label")
+    emit("warning", "loopwatch.slow_callback", **fields)

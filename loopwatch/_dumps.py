@@ -20,11 +20,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.core import Metric
+
 from . import _forksafe
+from ._component import Component, Degrade, Naming, Report
 from ._frames import culprit_of, format_stack
+from ._log import emit
+from ._pyspy import NativeStacks, find_pyspy
+from ._series import Counter
 from ._version import __version__
 
 PREFIX = "loopwatch-"
+KNOWN_DUMP_REASONS = ("event_loop_lag", "manual", "unfinished_stall")
+MAX_DUMP_REASONS = 16
 _REASON = re.compile(r"[^a-z0-9_]+")
 
 
@@ -192,3 +200,106 @@ def build_dump(reason: str, *, service: str, loop: str | None, stall_seconds: fl
     }
     dump.update(overrides)
     return dump
+
+
+class Dumps(Component):
+    """Dumps as a component: the writer, ``dumps_total{reason}``, the ``loopwatch.dump`` event, and py-spy's
+    native stack added to mid-stall dumps (the ``native_stacks`` option).  ``write`` never raises (the
+    watchdog's and the fallback's dumps); ``write_or_raise`` is :func:`loopwatch.dump`'s."""
+
+    component = "dump"
+
+    def __init__(self, naming: Naming, directory: Path, *, keep: int, cooldown: float, native_stacks: bool,
+                 busy_since: Callable[[str], tuple[int, Callable[[], bool]] | None],
+                 clock: Callable[[], float], report: Report, degrade: Degrade) -> None:
+        super().__init__(naming, report=report)
+        self.writer = DumpWriter(directory, keep=keep, cooldown=cooldown, clock=clock)
+        self._want_native = native_stacks
+        self._busy_since = busy_since  # a loop's label -> (its thread's native id, "still the same stall?")
+        self._degrade = degrade
+        self.native_stacks: NativeStacks | None = None
+        self._prepared = False
+        self.after_fork()
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer.enabled
+
+    def start(self) -> None:
+        if self._prepared:
+            return  # a forked child resuming: the directory is the same
+        self._prepared = True
+        self.writer.prepare()
+        if not self.writer.enabled:
+            self._degrade("dumps", self.writer.disabled_reason or "disabled")
+        if self._want_native:
+            self._start_native_stacks()
+
+    def _start_native_stacks(self) -> None:
+        binary = find_pyspy()
+        if binary is None:
+            self._degrade("native_stacks", "py-spy not found next to the interpreter or on PATH: "
+                                           "pip install 'loopwatch[pyspy]'")
+            return
+        if not self.writer.enabled:
+            return  # no dumps to add native stacks to (already reported as degraded)
+        self.native_stacks = NativeStacks(
+            binary=binary, degrade=lambda reason: self._degrade("native_stacks", reason),
+            on_error=lambda exc: self.report("native_stacks", exc), log=emit)
+
+    def after_fork(self) -> None:
+        """The child's own counts; the parent's cooldown is not the child's."""
+        self.writer._last_automatic = None
+        self.counts = Counter("dumps", "Stack dumps written, by reason.", ["service", "reason"],
+                              namespace=self.naming.namespace)
+        for reason in KNOWN_DUMP_REASONS:
+            self.counts.labels(self.naming.service, reason)
+        self._reasons = set(KNOWN_DUMP_REASONS)
+
+    def build(self, reason: str, **fields: Any) -> dict[str, Any]:
+        """A dump of this service and process (see :func:`build_dump`)."""
+        return build_dump(reason, **{"service": self.naming.service, **fields})
+
+    def write(self, dump: dict[str, Any]) -> Path | None:
+        """Write a dump from loopwatch's own threads: failures are counted and logged, never raised."""
+        try:
+            path = self.writer.write(dump)
+        except OSError as exc:
+            self.report("dump", exc, dump_dir=str(self.writer.directory))  # type: ignore[call-arg]
+            return None
+        self._written(dump, path)
+        return path
+
+    def write_or_raise(self, dump: dict[str, Any]) -> Path:
+        path = self.writer.write(dump)
+        self._written(dump, path)
+        return path
+
+    def _written(self, dump: dict[str, Any], path: Path) -> None:
+        self.count(dump["reason"])
+        if self.native_stacks is not None and dump.get("source") == "watchdog" and dump["reason"] == "event_loop_lag":
+            self._add_native_stack(dump, path)
+        culprit = dump.get("culprit")
+        emit("warning", "loopwatch.dump", reason=dump["reason"], path=str(path), loop=dump.get("loop"),
+             stall_seconds=dump.get("stall_seconds"), source=dump.get("source"),
+             culprit=None if not culprit else f"{culprit['filename']}:{culprit['lineno']} in {culprit['function']}")
+
+    def _add_native_stack(self, dump: dict[str, Any], path: Path) -> None:
+        """py-spy adds the loop thread's native stack to this mid-stall dump, if the stall lasts."""
+        try:
+            found = self._busy_since(dump.get("loop") or "")
+            if found is not None and self.native_stacks is not None:
+                native_id, still_stalled = found
+                self.native_stacks.enrich(path, native_id, still_stalled, write=write_private)
+        except Exception as exc:  # noqa: BLE001
+            self.report("native_stacks", exc)
+
+    def count(self, reason: str) -> None:
+        if reason not in self._reasons:
+            if len(self._reasons) >= MAX_DUMP_REASONS:
+                reason = "other"
+            self._reasons.add(reason)
+        self.counts.labels(self.naming.service, reason).inc()
+
+    def families(self) -> list[Metric]:
+        return self.counts.collect()

@@ -30,6 +30,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import _forksafe
+from ._component import Component, Naming
 from ._errors import ConfigError, check_watch_name
 from ._hooks import instance_attribute
 from ._log import emit
@@ -79,12 +80,14 @@ class _Watched:
         self.patched = False
 
 
-class Executors:
-    """The executor metrics part and its hooks (see the module docstring)."""
+class Executors(Component):
+    """The executor component: its series and its hooks (see the module docstring)."""
 
-    def __init__(self, metrics: Any, *, threshold: float, clock: Callable[[], float] = time.monotonic,
+    component = "executor"
+
+    def __init__(self, naming: Naming, *, threshold: float, clock: Callable[[], float] = time.monotonic,
                  on_error: Callable[[BaseException], None]) -> None:
-        self._metrics = metrics
+        super().__init__(naming, report=lambda component, exc, **context: on_error(exc))
         self.threshold = threshold
         self._clock = clock
         self._on_error = on_error
@@ -96,17 +99,17 @@ class Executors:
     def _new_histogram(self) -> Histogram:
         return Histogram("to_thread_executor_queue_wait_seconds",
                          "Time from submit to start of work given to an executor.",
-                         ["service", "executor"], namespace=self._metrics.namespace,
+                         ["service", "executor"], namespace=self.naming.namespace,
                          buckets=BUCKETS)
 
-    def reset(self) -> None:
+    def after_fork(self) -> None:
         """A forked child: fresh lock and histogram; watched executors stay watched (their threads are
         gone, and the executor itself starts new ones)."""
         self._lock = _forksafe.lock()
         self.histogram = self._new_histogram()
         for watched in self._watched.values():
             watched.busy = 0
-            self.histogram.labels(self._metrics.service, watched.name)
+            self.histogram.labels(self.naming.service, watched.name)
 
     # -- the timing shim ------------------------------------------------------------------------
     def _shim(self, watched: _Watched, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -125,7 +128,7 @@ class Executors:
         watched.busy += 1  # a race with another worker loses at most a count; never raises
         try:
             wait = self._clock() - submitted
-            self.histogram.labels(self._metrics.service, watched.name).observe(wait)
+            self.histogram.labels(self.naming.service, watched.name).observe(wait)
             if wait >= self.threshold:
                 now = self._clock()
                 if now - watched.last_log >= LOG_EVERY:
@@ -150,7 +153,7 @@ class Executors:
                 self._unpatch(previous)
             watched = _Watched(name, executor)
             self._watched[name] = watched
-            self.histogram.labels(self._metrics.service, name)
+            self.histogram.labels(self.naming.service, name)
         if _is_pool(executor, "ThreadPoolExecutor"):
             self._patch_submit(watched, executor)
 
@@ -232,7 +235,7 @@ class Executors:
         executor = getattr(loop, "_default_executor", None) if loop is not None else None
         if isinstance(executor, cf.Executor):
             watched.ref = weakref.ref(executor)
-            self.histogram.labels(self._metrics.service, watched.name)
+            self.histogram.labels(self.naming.service, watched.name)
 
     def detach(self, label: str) -> None:
         """Stop watching the default executor of the loop labelled ``label`` (closed or collected)."""
@@ -244,7 +247,7 @@ class Executors:
         with self._lock:
             self._watched.pop(name, None)
         try:
-            self.histogram.remove(self._metrics.service, name)
+            self.histogram.remove(self.naming.service, name)
         except KeyError:
             pass
         try:
@@ -270,8 +273,8 @@ class Executors:
         self._loops.clear()
 
     # -- scrape ----------------------------------------------------------------------------------
-    def collect(self) -> list[Metric]:
-        family, service = self._metrics.family, self._metrics.service
+    def families(self) -> list[Metric]:
+        family, service = self.naming.family, self.naming.service
         depth = family(GaugeMetricFamily, "to_thread_executor_queue_depth",
                        "Work items waiting for a worker.", ["executor"])
         threads = family(GaugeMetricFamily, "to_thread_executor_threads",
@@ -309,7 +312,7 @@ class Executors:
                 if self._watched.get(name) is item:
                     del self._watched[name]
         try:
-            self.histogram.remove(self._metrics.service, name)
+            self.histogram.remove(self.naming.service, name)
         except KeyError:
             pass
 

@@ -25,7 +25,7 @@ import gzip
 import selectors
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from . import _forksafe
 from . import _unpatched as _os
+from ._component import Component, Degrade, Report
 
 # Bind errors after which the next port of a range is tried; anything else (a bad address) stops.
 _TRY_NEXT = {errno.EADDRINUSE, errno.EACCES}
@@ -228,3 +229,53 @@ class Exporter:
                 _os.close(fd)
             except OSError:
                 pass
+
+
+class MetricsEndpoint(Component):
+    """The exporter as a component: serves ``/metrics`` on the first free port of ``ports`` from
+    ``start()``; a port it cannot bind degrades it (the series are still collected in the registry)."""
+
+    component = "exporter"
+
+    def __init__(self, addr: str, ports: range, port_text: str, registry: Any, *, report: Report,
+                 count: Callable[[str], None], degrade: Degrade) -> None:
+        super().__init__(report=report)
+        self._count = count
+        self.addr, self.ports, self.port_text = addr, ports, port_text
+        self._registry = registry
+        self._degrade = degrade
+        self.server: Exporter | None = None
+
+    @property
+    def url(self) -> str | None:
+        return self.server.url if self.server is not None else None
+
+    def start(self) -> None:
+        if self.server is not None:
+            return
+        server = Exporter(self.addr, self.ports, self._registry)
+        server.on_error = lambda exc: self.report("exporter", exc)
+        try:
+            server.start()
+        except OSError as exc:
+            self._count("exporter")  # the reason is logged once, as loopwatch.degraded
+            where = f"{self.addr}:{self.port_text}"
+            if len(self.ports) > 1 and exc.errno == errno.EADDRINUSE:
+                why = f"no free port in the range {self.port_text} ({exc.strerror or exc})"
+            else:
+                why = str(exc.strerror or exc)
+            self._degrade("exporter", f"cannot serve /metrics on {where}: {why}; metrics are "
+                                      f"still collected in the registry")
+            return
+        self.server = server
+
+    def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
+
+    def after_fork(self) -> None:
+        """The child binds its own port when it resumes (``start()``); the parent's socket is the parent's."""
+        server, self.server = self.server, None
+        if server is not None:
+            server.abandon()

@@ -11,16 +11,17 @@ gone, and its counters hold the parent's counts.  ``os.register_at_fork`` handle
   structlog's write locks, so no scrape, attach or log line is half-done in the copy (a lock held by a
   thread that is gone would block the child forever).
 * **after**, in the parent: release them.
-* **after**, in the child: forget what belongs to the parent -- close (never ``shutdown``) the
-  inherited listening socket, close the waker's descriptors and the in-flight file (it stays the
-  parent's: not removed) and unregister its signal handler (POSIX timers do not cross ``fork()``), detach
-  the parent's probes (its loops do not run in the child), free every lock and start every counter
-  from zero (``Metrics.reset``, which also calls the ``reset`` that features pass to
-  ``Metrics.add_part``).  Every lock loopwatch owns was made free again before this handler runs, by
-  ``_forksafe``'s (module-level and metric locks included).  Nothing is started yet: the child is *dormant*.
+* **after**, in the child: each component forgets what belongs to the parent in its own ``after_fork``
+  (``_forksafe`` calls them, after freeing every lock loopwatch owns): the exporter closes (never
+  ``shutdown``) the inherited listening socket, the watchdog the waker's descriptors, the faulthandler
+  fallback its copy of the in-flight file (it stays the parent's: not removed) and its signal handler
+  (POSIX timers do not cross ``fork()``), and every component starts its counters from zero.  Then this
+  module's handler detaches the parent's probes (its loops do not run in the child).  Nothing is started
+  yet: the child is *dormant*.
 * The agent **resumes** in the child when a loop first starts there (the hooks attach it) or
-  ``install()`` is called there: a new watchdog thread (with a new waker), a new in-flight file named
-  after the child's pid, and the exporter on the first free port of ``metrics_port``'s range.  A child
+  ``install()`` is called there: each component's ``start()`` starts what the child lacks -- a new
+  watchdog thread (with a new waker), a new in-flight file named after the child's pid, and the exporter
+  on the first free port of ``metrics_port``'s range.  A child
   that never runs a loop -- a ``ProcessPoolExecutor`` worker, a ``subprocess`` ``preexec_fn`` -- so
   costs no thread and takes no port.
 
@@ -32,12 +33,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._log import emit
 
-if TYPE_CHECKING:
-    from ._agent import Agent
+Agent = Any  # loopwatch._agent.Agent, not imported: _agent imports this module (no import cycle)
 
 LOCK_TIMEOUT = 1.0  # never hold a fork up longer than this per lock (a stuck scrape, say)
 
@@ -92,9 +92,9 @@ def _before() -> None:
     held = _Held(agent)
     _held = held
     try:
-        exporter = agent._exporter
-        if exporter is not None:
-            held.acquire(exporter.gate)  # first: a scrape may need the agent's lock to finish
+        server = agent.exporter.server if agent.exporter is not None else None
+        if server is not None:
+            held.acquire(server.gate)  # first: a scrape may need the agent's lock to finish
         held.acquire(agent._lock)
     except Exception as exc:  # noqa: BLE001 - never raise into the host
         agent.guard.report("fork", exc)
@@ -129,33 +129,19 @@ def _after_in_child() -> None:
 
 
 def _forget_parent(agent: Agent, parent_pid: int) -> None:
-    """In the child: drop the parent's threads, descriptors, probes and counts (see the docstring)."""
-    # Every lock of loopwatch's is already free here (``_forksafe``'s handler ran first).
-    agent.writer._last_automatic = None  # the parent's cooldown is not the child's
-    agent.metrics.reset()  # first: a failure below is counted in the child's own errors_total
+    """In the child, after every component's ``after_fork``: drop the parent's loops (see the docstring)."""
     agent.fork_pending = True
     agent.parent_pid = parent_pid
-    exporter, agent._exporter = agent._exporter, None
-    if exporter is not None:
-        exporter.abandon()
-    agent.gil_probe.abandon()
-    watchdog = agent.watchdog
-    waker, watchdog.waker = watchdog.waker, None
-    if waker is not None:
-        waker.close()
-    gilheld, agent._gilheld = agent._gilheld, None
-    agent._gilheld_owner = None
-    if gilheld is not None:
-        gilheld.forget()
-    for probe in agent._probes:
+    for probe in agent.loops.probes:
         probe.late_beats.clear()  # the parent's stalls: not the child's to report
         try:
-            agent._detach_locked(probe)  # the per-loop state of every feature goes with it
+            agent._detach_locked(probe)  # the per-loop state of every component goes with it
         except Exception as exc:  # noqa: BLE001
             agent.guard.report("fork", exc)
         probe.stopped = True  # a pending beat on an inherited loop returns at once
-    agent._probes = ()
-    agent._degraded = [d for d in agent._degraded if not d.startswith(("exporter:", "faulthandler:"))]
+    agent.loops.probes = ()
+    notes = agent._degrade.notes
+    notes[:] = [d for d in notes if not d.startswith(("exporter:", "faulthandler:"))]
 
 
 def _log_write_locks() -> list[Any]:
@@ -174,11 +160,6 @@ def resume(agent: Agent) -> None:
         if not agent.fork_pending or not agent.started:
             return
         agent.fork_pending = False
-        if agent.writer.enabled and agent.options.faulthandler:
-            agent._open_gilheld()
-        if agent.options.metrics_port:
-            agent._start_exporter()
-        agent.watchdog.start()
-        agent.gil_probe.start()
+        agent.resume()
     emit("info", "loopwatch.forked", pid=os.getpid(), parent_pid=agent.parent_pid,
          metrics_url=agent.metrics_url, dump_dir=str(agent.options.dump_dir))

@@ -35,6 +35,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import _forksafe
 from . import _unpatched as _os
+from ._component import Component, Naming, Report, ignore_error
 from ._series import Histogram
 
 WINDOW = 60  # samples averaged by gil_contention (a minute at the default interval)
@@ -47,29 +48,41 @@ def gil_enabled() -> bool:
     return True if probe is None else bool(probe())
 
 
-class GilContention:
-    """The samples and their series; fed by :class:`GilProbe` (or a test, with its own numbers)."""
+class GilContention(Component):
+    """The GIL component: the samples and their series, fed by its :class:`GilProbe` thread every
+    ``interval`` seconds (0: no thread; a test feeds it its own numbers)."""
 
-    def __init__(self, metrics: object, *, switch_interval: Callable[[], float] = sys.getswitchinterval,
-                 enabled: bool | None = None) -> None:
-        self._metrics = metrics
+    component = "gil"
+
+    def __init__(self, naming: Naming, *, interval: float = 0.0,
+                 switch_interval: Callable[[], float] = sys.getswitchinterval, enabled: bool | None = None,
+                 report: Report = ignore_error) -> None:
+        super().__init__(naming, report=report)
         self._switch_interval = switch_interval
         self.enabled = gil_enabled() if enabled is None else enabled
         self._window: deque[float] = deque(maxlen=WINDOW)
         self._lock = _forksafe.lock()
         self.histogram = self._new_histogram()
+        self.probe = GilProbe(self, interval, on_error=lambda exc: self.report("gil", exc))
+
+    def start(self) -> None:
+        self.probe.start()
+
+    def stop(self) -> None:
+        self.probe.stop()
 
     def _new_histogram(self) -> Histogram:
-        metrics = self._metrics
+        metrics = self.naming
         histogram = Histogram(
             "gil_wait_seconds", "How late the GIL probe thread ran again after each sleep: the wait for the "
             "GIL (one switch interval when one thread runs Python, more when several compete).",
-            ["service"], namespace=metrics.namespace, buckets=BUCKETS)  # type: ignore[attr-defined]
-        histogram.labels(metrics.service)  # type: ignore[attr-defined]
+            ["service"], namespace=metrics.namespace, buckets=BUCKETS)
+        histogram.labels(metrics.service)
         return histogram
 
-    def reset(self) -> None:
-        """A forked child: fresh lock and histogram, no samples."""
+    def after_fork(self) -> None:
+        """A forked child: the probe thread is the parent's; fresh lock and histogram, no samples."""
+        self.probe.abandon()
         self._lock = _forksafe.lock()
         self._window = deque(maxlen=WINDOW)
         self.histogram = self._new_histogram()
@@ -77,7 +90,7 @@ class GilContention:
     def record(self, wait: float) -> None:
         wait = max(0.0, wait)
         interval = self._switch_interval() or 0.005
-        self.histogram.labels(self._metrics.service).observe(wait)  # type: ignore[attr-defined]
+        self.histogram.labels(self.naming.service).observe(wait)
         with self._lock:
             self._window.append(max(0.0, wait / interval - 1.0))
 
@@ -87,12 +100,12 @@ class GilContention:
                 return None
             return sum(self._window) / len(self._window)
 
-    def collect(self) -> list[Metric]:
-        metrics = self._metrics
-        family = metrics.family  # type: ignore[attr-defined]
+    def families(self) -> list[Metric]:
+        metrics = self.naming
+        family = metrics.family
         enabled = family(GaugeMetricFamily, "gil_enabled",
                          "1 if this interpreter has a GIL, 0 on a free-threaded build running without it.")
-        enabled.add_metric([metrics.service], 1.0 if self.enabled else 0.0)  # type: ignore[attr-defined]
+        enabled.add_metric([metrics.service], 1.0 if self.enabled else 0.0)
         if not self.enabled:
             return [enabled]
         out: list[Metric] = [enabled]
@@ -102,10 +115,10 @@ class GilContention:
                            f"About how many other threads a thread that wakes up waits behind for the GIL "
                            f"(mean of max(0, wait / switch interval - 1) over the last {WINDOW} probes); "
                            f"0 with one busy thread.")
-            gauge.add_metric([metrics.service], value)  # type: ignore[attr-defined]
+            gauge.add_metric([metrics.service], value)
             out.append(gauge)
         switch = family(GaugeMetricFamily, "gil_switch_interval_seconds", "sys.getswitchinterval().")
-        switch.add_metric([metrics.service], self._switch_interval())  # type: ignore[attr-defined]
+        switch.add_metric([metrics.service], self._switch_interval())
         out.append(switch)
         out.extend(self.histogram.collect())
         return out

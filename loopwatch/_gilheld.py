@@ -39,6 +39,7 @@ import psutil
 
 from . import _frames
 from . import _unpatched as _os
+from ._component import Component, Degrade, Report
 from ._dumps import PREFIX
 
 INFLIGHT_PREFIX = f"{PREFIX}inflight-"
@@ -304,3 +305,97 @@ def _process_alive(pid: int, created_ms: int) -> bool:
         return abs(psutil.Process(pid).create_time() * 1000 - created_ms) < 1000
     except psutil.Error:
         return False
+
+
+class FaulthandlerFallback(Component):
+    """The fallback as a component: one :class:`GilHeldStacks`, aimed at the loop that owns it (the first
+    running one; another takes over when it stops or closes), and the conversion of the leftovers of
+    processes that died mid-stall (``start()``, once dumps can be written)."""
+
+    component = "faulthandler"
+
+    def __init__(self, directory: Path, *, service: str, enabled: Callable[[], bool], first_look: float,
+                 clock: Callable[[], float], report: Report, count: Callable[[str], None],
+                 degrade: Degrade) -> None:
+        super().__init__(report=report)
+        self.directory = directory
+        self._service = service
+        self._enabled = enabled  # the ``faulthandler`` option, and dumps can be written; else leftovers only
+        self._first_look = first_look  # seconds from a loop's start to the watchdog's first look at it
+        self._clock = clock
+        self._count = count
+        self._degrade = degrade
+        self.stacks: GilHeldStacks | None = None
+        self.owner: Any = None  # the LoopProbe whose thread the timer is aimed at
+
+    @property
+    def path(self) -> Path | None:
+        return self.stacks.path if self.stacks is not None else None
+
+    def convert_leftovers(self, build: Callable[..., dict[str, Any]],
+                          write: Callable[[dict[str, Any]], Any]) -> None:
+        """In-flight files left by processes that died mid-stall become ``unfinished_stall`` dumps."""
+        for dump in leftover_dumps(self.directory, own=self.path, build=build):
+            write(dump)
+
+    def start(self) -> None:
+        if self.stacks is not None or not self._enabled():
+            return
+        try:
+            created_ms = int(psutil.Process().create_time() * 1000)
+            stacks = GilHeldStacks(self.directory, pid=os.getpid(), created_ms=created_ms, service=self._service)
+            why = stacks.open()
+        except (OSError, psutil.Error, ValueError, RuntimeError) as exc:
+            self._count("faulthandler")
+            self._degrade("faulthandler", f"cannot set up stacks of stalls that hold the GIL: {exc}")
+            return
+        if why is not None:
+            self._degrade("faulthandler", f"stalls that hold the GIL are counted without a stack: {why}")
+            return
+        self.stacks = stacks
+
+    def stop(self) -> None:
+        stacks, self.stacks = self.stacks, None
+        self.owner = None
+        if stacks is not None:
+            stacks.close()
+
+    def after_fork(self) -> None:
+        """The timer and the handler did not cross ``fork()``; the file stays the parent's.  The child opens
+        its own when it resumes."""
+        stacks, self.stacks = self.stacks, None
+        self.owner = None
+        if stacks is not None:
+            stacks.forget()
+
+    # -- the owner loop ----------------------------------------------------------------------------
+    def attach(self, probe: Any) -> None:
+        """A loop is watched: it owns the timer if no running loop does (called under the agent's lock)."""
+        stacks, owner = self.stacks, self.owner
+        if stacks is None or (owner is not None and owner.running and not owner.closed):
+            return
+        self.owner = probe
+        why = stacks.watch(probe.native_id, probe.thread_ident)
+        if why is not None:
+            self.owner = None
+            self.report("faulthandler", RuntimeError(why))
+
+    def arm(self, probe: Any) -> None:
+        """``probe``'s loop starts running: a stall that holds the GIL before the watchdog's first look still
+        gets its stack; the watchdog re-arms the timer from then on."""
+        if probe is self.owner and self.stacks is not None:
+            self.stacks.arm(self._clock() + self._first_look + FALLBACK_AFTER)
+
+    def pause(self, probe: Any) -> None:
+        if probe is self.owner and self.stacks is not None:
+            self.stacks.disarm()
+
+    def detach(self, probe: Any) -> None:
+        if self.owner is probe:
+            self.owner = None
+            if self.stacks is not None:
+                self.stacks.watch(None)
+
+    def for_probe(self, probe: Any) -> GilHeldStacks | None:
+        """The stacks of ``probe``'s stalls that hold the GIL, if its loop owns the timer."""
+        return self.stacks if probe is self.owner else None

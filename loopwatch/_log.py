@@ -129,3 +129,15 @@ class _GuardContext:
             return False
         self._guard.report(self._component, exc)
         return True
+
+
+class Degraded:
+    """The features that cannot work here, each with its reason (``loopwatch.degraded``, and the
+    agent's snapshot)."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def __call__(self, feature: str, reason: str) -> None:
+        self.notes.append(f"{feature}: {reason}")
+        emit("warning", "loopwatch.degraded", feature=feature, reason=reason)

@@ -30,6 +30,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import _forksafe
+from ._component import Component, Naming
 from ._errors import ConfigError
 from ._log import emit
 from ._series import Counter, Histogram
@@ -78,12 +79,14 @@ class PoolState:
         self.checked_out = 0  # for pools without a count of their own (NullPool)
 
 
-class Pools:
-    """The pool metrics part (see the module docstring)."""
+class Pools(Component):
+    """The pool component (see the module docstring)."""
 
-    def __init__(self, metrics: Any, *, clock: Callable[[], float] = time.monotonic,
+    component = "pool"
+
+    def __init__(self, naming: Naming, *, clock: Callable[[], float] = time.monotonic,
                  on_error: Callable[[BaseException], None]) -> None:
-        self._metrics = metrics
+        super().__init__(naming, report=lambda component, exc, **context: on_error(exc))
         self._clock = clock
         self._on_error = on_error
         self._lock = _forksafe.lock()
@@ -91,7 +94,7 @@ class Pools:
         self._new_series()
 
     def _new_series(self) -> None:
-        ns = self._metrics.namespace
+        ns = self.naming.namespace
         self.wait = Histogram("db_client_connection_wait_time_seconds",
                               "Time to acquire a connection from the pool.", ["service", "pool_name"],
                               namespace=ns, buckets=WAIT_BUCKETS)
@@ -101,7 +104,7 @@ class Pools:
         self.timeouts = Counter("db_client_connection_timeouts", "Acquires that timed out.",
                                 ["service", "pool_name"], namespace=ns)
 
-    def reset(self) -> None:
+    def after_fork(self) -> None:
         """A forked child: fresh series and lock; watched pools stay watched."""
         self._lock = _forksafe.lock()
         self._new_series()
@@ -110,7 +113,7 @@ class Pools:
             self._series_for(state.name)
 
     def _series_for(self, name: str) -> None:
-        service = self._metrics.service
+        service = self.naming.service
         self.wait.labels(service, name)
         self.use.labels(service, name)
         self.timeouts.labels(service, name)
@@ -118,7 +121,7 @@ class Pools:
     def _drop_series(self, name: str) -> None:
         for metric in (self.wait, self.use, self.timeouts):
             try:
-                metric.remove(self._metrics.service, name)
+                metric.remove(self.naming.service, name)
             except KeyError:
                 pass
 
@@ -131,7 +134,7 @@ class Pools:
         state.pending -= 1
         try:
             now = self._clock()
-            service = self._metrics.service
+            service = self.naming.service
             if error is None:
                 self.wait.labels(service, state.name).observe(now - started)
                 state.checked_out += 1
@@ -148,7 +151,7 @@ class Pools:
             state.checked_out = max(0, state.checked_out - 1)
             started = state.held.pop(id(connection), None)
             if started is not None:
-                self.use.labels(self._metrics.service, state.name).observe(self._clock() - started)
+                self.use.labels(self.naming.service, state.name).observe(self._clock() - started)
         except Exception as exc:  # noqa: BLE001
             self._on_error(exc)
 
@@ -190,8 +193,8 @@ class Pools:
                 self._on_error(exc)
 
     # -- scrape --------------------------------------------------------------------------------------
-    def collect(self) -> list[Metric]:
-        family, service = self._metrics.family, self._metrics.service
+    def families(self) -> list[Metric]:
+        family, service = self.naming.family, self.naming.service
         count = family(GaugeMetricFamily, "db_client_connection_count",
                        "Connections in the pool, by state (idle, used).", ["pool_name", "state"])
         maximum = family(GaugeMetricFamily, "db_client_connection_max", "The pool's connection limit.",

@@ -204,3 +204,46 @@ class LoopProbe:
                     self._schedule(self._clock())
                 except Exception as exc:  # noqa: BLE001 - e.g. the loop is closing
                     self._on_error(exc)
+
+
+class Loops:
+    """The watched loops, one :class:`LoopProbe` each: the agent adds and removes them (under its lock),
+    components read them (``loops()``, a tuple replaced whole: no lock to read) and their live lag."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.probes: tuple[LoopProbe, ...] = ()
+        self._clock = clock
+
+    def __call__(self) -> tuple[LoopProbe, ...]:
+        return self.probes
+
+    @staticmethod
+    def lag_of(probe: LoopProbe, now: float) -> float:
+        """How long ``probe``'s loop has been stuck right now: the age of the busy stretch in progress
+        (0 while it waits); on the beat fallback, how overdue its beat is."""
+        if not probe.running:
+            return 0.0
+        activity = probe.activity
+        if activity is None or not activity.exact:
+            return probe.lag(now)
+        since = activity.busy_since(now)
+        return 0.0 if since is None else max(0.0, now - since)
+
+    def live_lag(self) -> list[tuple[str, float]]:
+        """``(label, lag)`` of every watched loop, now (``event_loop_lag_seconds``)."""
+        now = self._clock()
+        return [(p.label, self.lag_of(p, now)) for p in self.probes]
+
+    def stall_of(self, label: str) -> tuple[int, Callable[[], bool]] | None:
+        """The stall going on in loop ``label``: its thread's native id, and whether it is still the same
+        stall (py-spy's stack is kept only if so)."""
+        probe = next((p for p in self.probes if p.label == label), None)
+        if probe is None or probe.activity is None:
+            return None
+        activity, clock = probe.activity, self._clock
+        since = activity.busy_since(clock())
+
+        def still_stalled() -> bool:
+            return since is not None and probe.running and activity.busy_since(clock()) == since
+
+        return probe.native_id, still_stalled

@@ -37,6 +37,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from . import _forksafe
+from ._component import Component, Naming, Report, ignore_error
 from ._frames import is_app_file
 from ._iteration import KNOWN_SELECTS, poll_clock, select_clock
 from ._labels import TopN
@@ -413,40 +414,54 @@ class IterationTimer:
             pass
 
 
-class SlowCallbackMetrics:
-    """``slow_callbacks_total{loop, callback}``, ``slow_callback_duration_seconds{loop}`` and
-    ``event_loop_busy_seconds_total{loop}``, as one metrics part."""
+class SlowCallbackMetrics(Component):
+    """The slow callbacks / utilization component: its recorder (:class:`SlowCallbacks`, ``slow``),
+    ``slow_callbacks_total{loop, callback}``, ``slow_callback_duration_seconds{loop}`` and
+    ``event_loop_busy_seconds_total{loop}``."""
 
-    def __init__(self, metrics: Any, probes: Callable[[], Any], *, slow: bool = True) -> None:
-        self._metrics = metrics
+    def __init__(self, naming: Naming, probes: Callable[[], Any], *, threshold: float,
+                 log: Callable[[SlowCallback], None], clock: Callable[[], float] = time.monotonic,
+                 slow: bool = True, report: Report = ignore_error) -> None:
+        super().__init__(naming, report=report)
         self._probes = probes
         self._slow = slow  # False with ``disable=slow_callbacks``: only utilization is exported
+        self.slow = SlowCallbacks(threshold, observe=self.observe, log=log, clock=clock)
+        self._new_histogram()
+
+    def _new_histogram(self) -> None:
         self.histogram = Histogram(
             "slow_callback_duration_seconds", "Durations of callbacks over slow_callback_threshold.",
-            ["service", "loop"], namespace=metrics.namespace,
+            ["service", "loop"], namespace=self.naming.namespace,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
 
+    def after_fork(self) -> None:
+        """The child's own counts (the agent detaches the parent's loops)."""
+        self.slow.counts.clear()
+        self._new_histogram()
+
     def observe(self, loop: str, duration: float) -> None:
-        self.histogram.labels(self._metrics.service, loop).observe(duration)
+        self.histogram.labels(self.naming.service, loop).observe(duration)
 
     def add_loop(self, loop: str) -> None:
-        self.histogram.labels(self._metrics.service, loop)
+        self.histogram.labels(self.naming.service, loop)
 
     def remove_loop(self, loop: str) -> None:
+        self.slow.counts.pop(loop, None)
         try:
-            self.histogram.remove(self._metrics.service, loop)
+            self.histogram.remove(self.naming.service, loop)
         except KeyError:
             pass
 
-    def collect(self, counts: dict[str, TopN]) -> list[Metric]:
-        service = self._metrics.service
-        slow = self._metrics.family(CounterMetricFamily, "slow_callbacks",
+    def families(self) -> list[Metric]:
+        counts = self.slow.counts
+        service = self.naming.service
+        slow = self.naming.family(CounterMetricFamily, "slow_callbacks",
                                     "Callbacks over slow_callback_threshold, by callback (top 20, rest in "
                                     "'other').", ["loop", "callback"])
         for loop, per_loop in list(counts.items()):
             for callback, value in per_loop.items():
                 slow.add_metric([service, loop, callback], value)
-        busy = self._metrics.family(CounterMetricFamily, "event_loop_busy_seconds",
+        busy = self.naming.family(CounterMetricFamily, "event_loop_busy_seconds",
                                     "Time the loop spent running callbacks rather than waiting for I/O; "
                                     "rate() is utilization.", ["loop"])
         for probe in self._probes():

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import _forksafe
+from ._component import Component, Degrade, Naming, Report, ignore_error
 from ._errors import ConfigError, check_watch_name
 from ._hooks import instance_attribute
 from ._labels import TopN
 from ._log import emit
 
 if TYPE_CHECKING:
-    from ._agent import Agent
     from ._probe import LoopProbe
 
 DESTROYED_PENDING = "Task was destroyed but it is pending"
@@ -76,14 +76,16 @@ class _ChainedHandler:
         return type(loop).call_exception_handler(loop, context)
 
 
-class TaskHealth:
-    """The task-health part of an agent's metrics (see the module docstring)."""
+class TaskHealth(Component):
+    """The task-health component (see the module docstring)."""
 
-    def __init__(self, agent: Agent, *,
+    def __init__(self, naming: Naming, probes: Callable[[], Iterable[LoopProbe]], *,
                  all_tasks: Callable[[asyncio.AbstractEventLoop], Iterable[Any]] = asyncio.all_tasks,
-                 wall_clock: Callable[[], float] = time.time, export: bool = True) -> None:
-        self._agent = agent
-        self._metrics = agent.metrics
+                 wall_clock: Callable[[], float] = time.time, report: Report = ignore_error,
+                 degrade: Degrade = lambda feature, reason: None) -> None:
+        super().__init__(naming, report=report)
+        self._probes = probes
+        self._degrade = degrade
         self._all_tasks = all_tasks
         self._wall_clock = wall_clock
         self._exceptions = TopN(EXCEPTION_LABELS)
@@ -94,13 +96,9 @@ class TaskHealth:
         self._handlers: dict[LoopProbe, _ChainedHandler] = {}
         self._queues: dict[str, weakref.ref[asyncio.Queue[Any]]] = {}
         self._degraded = False
-        if export:  # ``disable=tasks``: no series (and Agent.attach chains no exception handler)
-            agent.metrics.add_part("collector", self.collect, reset=self.reset)
 
-    def reset(self) -> None:
-        """A forked child (``Metrics.reset``): counts from zero and fresh locks -- one held by another
-        thread at ``fork()`` would never be released.  Watched queues stay watched (the child has them too)."""
-        self._lock = _forksafe.lock()
+    def after_fork(self) -> None:
+        """A forked child: counts from zero.  Watched queues stay watched (the child has them too)."""
         self._exceptions = TopN(EXCEPTION_LABELS)
         self._last_exception = 0.0
         self._destroyed_pending = 0
@@ -124,7 +122,7 @@ class TaskHealth:
         except (TypeError, AttributeError) as exc:
             if not self._degraded:
                 self._degraded = True
-                self._agent._degrade("task_exceptions", f"cannot chain {type(loop).__qualname__}."
+                self._degrade("task_exceptions", f"cannot chain {type(loop).__qualname__}."
                                      f"call_exception_handler ({exc}): task exceptions are not counted")
             return
         self._handlers[probe] = handler
@@ -165,7 +163,7 @@ class TaskHealth:
                     with self._lock:
                         self._destroyed_pending += 1
         except Exception as exc:  # noqa: BLE001 - never raise into the loop's exception handler
-            self._agent.guard.report("hooks", exc)
+            self.report("hooks", exc)
 
     # -- queues ------------------------------------------------------------------------------------
     def watch_queue(self, queue: asyncio.Queue[Any], name: str) -> asyncio.Queue[Any]:
@@ -189,12 +187,12 @@ class TaskHealth:
         return queue
 
     # -- scrape ------------------------------------------------------------------------------------
-    def collect(self) -> Iterator[Metric]:
-        metrics = self._metrics
+    def families(self) -> Iterator[Metric]:
+        metrics = self.naming
         service = metrics.service
         tasks = metrics.family(GaugeMetricFamily, "tasks",
                                "Live (not done) tasks of each watched loop, counted at scrape time.", ["loop"])
-        for probe in self._agent.probes():
+        for probe in self._probes():
             loop = probe.loop
             if loop is None or loop.is_closed():
                 continue
@@ -247,7 +245,7 @@ class TaskHealth:
             except RuntimeError as exc:  # "Set changed size during iteration": the loop thread moved on
                 error = exc
         assert error is not None
-        self._agent.guard.report("collector", error)
+        self.report("collector", error)
         return None
 
 

@@ -21,12 +21,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import _forksafe
+from ._component import Component, Naming, Report, ignore_error
 
 TOP = 20
 MIN_WINDOW = 1.0
@@ -51,14 +51,16 @@ def kernel_thread_name(tid: int) -> str:
         return f"thread-{tid}"
 
 
-class ThreadCpu:
-    """The thread/CPU metrics part (see the module docstring)."""
+class ThreadCpu(Component):
+    """The thread/CPU component (see the module docstring)."""
 
-    def __init__(self, metrics: Any, *, process: psutil.Process | None = None, top: int = TOP,
+    component = "threads"
+
+    def __init__(self, naming: Naming, *, process: psutil.Process | None = None, top: int = TOP,
                  clock: Callable[[], float] = time.monotonic,
                  names: Callable[[], dict[int, str]] = python_thread_names,
-                 kernel_name: Callable[[int], str] = kernel_thread_name) -> None:
-        self._metrics = metrics
+                 kernel_name: Callable[[int], str] = kernel_thread_name, report: Report = ignore_error) -> None:
+        super().__init__(naming, report=report)
         self._process = process or psutil.Process()
         self._top = top
         self._clock = clock
@@ -85,13 +87,16 @@ class ThreadCpu:
         except psutil.Error:
             return 0.0
 
-    def collect(self) -> list[Metric]:
+    def after_fork(self) -> None:
+        self.reset()
+
+    def families(self) -> list[Metric]:
         with self._lock:
             return self._collect()
 
     def _collect(self) -> list[Metric]:
-        family = self._metrics.family
-        service = self._metrics.service
+        family = self.naming.family
+        service = self.naming.service
         threads = self._process.threads()
         cpu = {t.id: float(t.user_time + t.system_time) for t in threads}
         names = self._names()

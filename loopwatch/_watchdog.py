@@ -33,6 +33,7 @@ from typing import Any
 
 from . import _frames
 from . import _unpatched as _os
+from ._component import Component
 from ._cputime import ThreadClock, ThreadSample, classify
 from ._gilheld import FALLBACK_AFTER, REPEAT, GilHeldStacks
 from ._iteration import _accel
@@ -112,14 +113,18 @@ class _ProbeState:
         return "unknown", None
 
 
-class Watchdog:
-    """Stall detection logic plus the thread that drives it (``tick`` is callable directly in tests)."""
+class Watchdog(Component):
+    """Stall detection logic plus the thread that drives it (``tick`` is callable directly in tests).  A
+    component with no series of its own: it counts spikes in ``LoopLag``'s and writes through ``Dumps``."""
+
+    component = "watchdog"
 
     def __init__(self, *, options: Any, probes: Callable[[], tuple[LoopProbe, ...]],
                  count_spike: Callable[[str, float], None], writer: Any, guard: Guard, slow: SlowCallbacks,
                  build_dump: Callable[..., dict[str, Any]], write_dump: Callable[[dict[str, Any]], Path | None],
                  detach: Callable[[LoopProbe], None], gilheld: Callable[[LoopProbe], GilHeldStacks | None],
                  gc: Any = None, accelerated: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(report=guard.report)
         self._options = options
         self._thresholds = tuple(options.lag_thresholds)
         self._threshold = options.dump_threshold
@@ -145,6 +150,8 @@ class Watchdog:
 
     # -- thread ----------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.alive:
+            return
         self._stopping = False
         self.waker = Waker()
         self.park = None
@@ -172,6 +179,15 @@ class Watchdog:
         if self.waker is not None:
             self.waker.close()
             self.waker = None
+        self.drain()
+
+    def after_fork(self) -> None:
+        """The thread is the parent's; the waker's descriptors are this process's copies: closed.  The
+        child starts its own when it resumes."""
+        self._thread = None
+        waker, self.waker = self.waker, None
+        if waker is not None:
+            waker.close()
 
     def drain(self) -> None:
         """Finish the stalls whose ends are reported (the agent is stopping)."""

@@ -46,9 +46,9 @@ def test_a_stall_dump_gets_the_loop_threads_native_stack(app_runner, tmp_path) -
 def test_missing_pyspy_switches_the_feature_off_with_a_reason(registry, tmp_path, monkeypatch) -> None:
     import sys
 
-    monkeypatch.setattr(sys.modules["loopwatch._agent"], "find_pyspy", lambda: None)
+    monkeypatch.setattr(sys.modules["loopwatch._dumps"], "find_pyspy", lambda: None)
     agent = loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path, native_stacks=True)
-    assert agent.native_stacks is None
+    assert agent.dumps.native_stacks is None
     assert any(d.startswith("native_stacks: py-spy not found") and "loopwatch[pyspy]" in d
                for d in agent.snapshot().degraded), agent.snapshot().degraded
     assert agent.snapshot().dumps_enabled  # the rest keeps working

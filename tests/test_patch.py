@@ -131,7 +131,7 @@ def test_set_running_loop_wrapped_by_another_library_before_and_after_uninstall(
     events._set_running_loop = theirs
     try:
         async def probes() -> int:  # the loop was attached by the hook, not by an install() inside it
-            return len(agent.probes())
+            return len(agent.loops())
 
         assert asyncio.run(probes()) == 1  # loopwatch still saw the loop start, through theirs
         assert calls

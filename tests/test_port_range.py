@@ -1,4 +1,4 @@
-"""``metrics_port`` ranges (one port per worker), the exporter's scrape gate, ``Metrics.reset`` and the
+"""``metrics_port`` ranges (one port per worker), the exporter's scrape gate, the components' ``after_fork`` and the
 parent's side of the fork handlers -- in process.  The children's side is end to end in test_fork.py."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily
 
 import loopwatch
 from conftest import collected, sample, scrape, wait_for
@@ -140,28 +139,27 @@ def test_scrapes_collect_under_the_gate(registry: CollectorRegistry) -> None:
         exporter.close()
 
 
-def test_metrics_reset_starts_from_zero_with_fresh_objects(registry: CollectorRegistry, tmp_path: Path) -> None:
+def test_after_fork_starts_each_component_from_zero_with_fresh_objects(registry: CollectorRegistry,
+                                                                        tmp_path: Path) -> None:
+    """What a forked child runs, component by component (the real fork is in test_fork.py)."""
     agent = loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path)
-    metrics = agent.metrics
-    calls: list[str] = []
-    metrics.add_part("collector", lambda: [CounterMetricFamily("feature_things", "x", value=calls.count("r"))],
-                     reset=lambda: calls.append("r"))
-    metrics.add_loop("main")
-    metrics.count_spike("main", 0.5)
-    metrics.count_dump("manual")
-    metrics.count_error("probe")
-    old_spikes = metrics.spikes
+    agent.lag.add_loop("main")
+    agent.lag.count_spike("main", 0.5)
+    agent.dumps.count("manual")
+    agent.errors.count("probe")
+    old_spikes = agent.lag.spikes
     before = collected(registry)
     assert sample(before, "loopwatch_event_loop_lag_spikes_total", loop="main", threshold="0.5") == 1
-    metrics.reset()
+    assert sample(before, "loopwatch_dumps_total", reason="manual") == 1
+    for component in (agent.lag, agent.dumps, agent.errors):
+        component.after_fork()
     after = collected(registry)
-    assert metrics.spikes is not old_spikes, "new objects: the old ones' locks may be held by dead threads"
+    assert agent.lag.spikes is not old_spikes, "new objects: the child's own"
     assert sample(after, "loopwatch_event_loop_lag_spikes_total", loop="main", threshold="0.5") is None
     assert sample(after, "loopwatch_dumps_total", reason="manual") == 0
     assert sample(after, "loopwatch_dumps_total", reason="event_loop_lag") == 0
     assert sample(after, "loopwatch_errors_total", component="probe") == 0
     assert sample(after, "loopwatch_errors_total", component="fork") == 0
-    assert calls == ["r"] and sample(after, "feature_things_total") == 1
 
 
 def test_fork_handlers_in_the_parent_hold_and_release_the_locks(registry: CollectorRegistry,
@@ -174,18 +172,18 @@ def test_fork_handlers_in_the_parent_hold_and_release_the_locks(registry: Collec
     assert _fork._current is agent
 
     async def main() -> None:
-        (probe,) = agent.probes()
-        gilheld = agent.gilheld_for(probe)
+        (probe,) = agent.loops()
+        gilheld = agent.fallback.for_probe(probe)
         assert gilheld is not None, "the loop owns the fallback for stalls that hold the GIL"
         _fork._before()
         try:
-            assert agent._exporter is not None and agent._exporter.gate.locked()
+            assert agent.exporter is not None and agent.exporter.server.gate.locked()
             assert not lock_free(agent._lock), "no attach/detach across fork()"
             log_locks = _fork._log_write_locks()
             assert log_locks and all(lock.locked() for lock in log_locks), "no log line half-written"
         finally:
             _fork._after_in_parent()
-        assert not agent._exporter.gate.locked()
+        assert not agent.exporter.server.gate.locked()
         assert lock_free(agent._lock)
         assert not any(lock.locked() for lock in log_locks)
         assert _fork._held is None

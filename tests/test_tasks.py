@@ -345,8 +345,8 @@ def test_closed_loop_is_unchained_and_a_dropped_loop_is_freed_at_once(registry, 
 
 
 def test_counts_start_from_zero_in_a_forked_child(registry, tmp_path):
-    """``Metrics.reset`` is what a forked child runs (see loopwatch/_fork.py): task-health counts restart,
-    watched queues stay watched."""
+    """``TaskHealth.after_fork`` is what a forked child runs (see loopwatch/_forksafe.py): task-health
+    counts restart, watched queues stay watched."""
     agent = install(registry, tmp_path)
     jobs = loopwatch.watch_queue(asyncio.Queue(4), "jobs")
     jobs.put_nowait(1)
@@ -358,7 +358,7 @@ def test_counts_start_from_zero_in_a_forked_child(registry, tmp_path):
         await asyncio.sleep(0.01)
         await destroyed_pending()
         before = await scrape_from_another_thread(registry)
-        agent.metrics.reset()
+        agent.task_health.after_fork()
         after = await scrape_from_another_thread(registry)
         loop.call_soon(raiser(KeyError("child")))
         await asyncio.sleep(0.01)

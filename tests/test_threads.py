@@ -17,7 +17,7 @@ from conftest import collected, free_port, sample, scrape
 import loopwatch
 from loopwatch._executors import Executors
 from loopwatch._gil import WINDOW, GilContention
-from loopwatch._metrics import Metrics
+from loopwatch._component import Naming
 from loopwatch._threads import ThreadCpu
 
 NS = "lwthreads"
@@ -25,8 +25,8 @@ Thread = namedtuple("Thread", "id user_time system_time")
 Times = namedtuple("Times", "user system")
 
 
-def _metrics() -> Metrics:
-    return Metrics("t", "svc", (0.5,), live_lag=lambda: ())
+def _metrics() -> Naming:
+    return Naming("t", "svc")
 
 
 def _samples(families) -> dict:

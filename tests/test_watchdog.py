@@ -126,11 +126,11 @@ def make(tmp_path: Path, loop: asyncio.AbstractEventLoop, *, activity: object | 
                 "faulthandler": False}
     settings.update(options)
     agent = Agent(resolve(settings, environ={}), clock=clock)
-    registry.register(agent.metrics)
+    agent.register()
     agent.writer.prepare()
     probe = FakeProbe(loop, activity if activity is not None else FakeActivity())
-    agent._probes = (probe,)  # type: ignore[assignment]
-    agent.metrics.add_loop("main")
+    agent.loops.probes = (probe,)  # type: ignore[assignment]
+    agent.lag.add_loop("main")
     agent.slow_metrics.add_loop("main")
     return agent, probe, clock, registry
 
@@ -420,7 +420,7 @@ def test_closed_loop_is_detached_and_its_series_disappear(setup, loop) -> None:
     assert spikes(agent, registry, "0.5") == 0
     loop.close()
     agent.watchdog.tick(clock.now)
-    assert agent.probes() == ()
+    assert agent.loops() == ()
     assert probe.stopped
     assert spikes(agent, registry, "0.5") is None
 
@@ -575,8 +575,7 @@ def test_a_gil_held_stall_is_dumped_from_the_stack_the_loop_thread_wrote(setup) 
     # The watchdog planned to look at T0 + 0.45 but could not (GIL held from T0 + 0.4 to T0 + 1.8): the
     # timer fired at T0 + 0.7, 0.95, 1.2, 1.45 and 1.7, and the loop thread wrote its stack each time.
     fallback = FakeGilHeld(T0 + 0.7, [STACK] * 5)
-    agent.gilheld_for = lambda p: fallback  # type: ignore[method-assign]
-    agent.watchdog._gilheld = agent.gilheld_for
+    agent.watchdog._gilheld = lambda p: fallback
     probe.activity.begin(T0 + 0.4)
     probe.activity.end(T0 + 1.8)
     with capture_logs() as logs:

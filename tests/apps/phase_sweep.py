@@ -57,7 +57,7 @@ async def main() -> None:
     agent = loopwatch.install(namespace="lwphase", metrics_port=PORT, metrics_addr="127.0.0.1", dump_dir=DUMP_DIR,
                               lag_thresholds=(THRESHOLD, 5.0), dump_cooldown=0)
     url = agent.metrics_url
-    (probe,) = agent.probes()
+    (probe,) = agent.loops()
     interval = probe.interval
     await asyncio.sleep(1.0)
     for k in range(N):
