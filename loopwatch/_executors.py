@@ -32,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from . import _forksafe
 from ._component import Component, Naming
 from ._errors import ConfigError, check_watch_name
-from ._hooks import instance_attribute
+from ._patch import Patch, instance_attribute
 from ._log import emit
 from ._series import Histogram
 
@@ -70,14 +70,14 @@ def check_executor(executor: object, name: object) -> None:
 class _Watched:
     """One executor under watch: the weak reference, the in-flight count, the log rate limit."""
 
-    __slots__ = ("name", "ref", "busy", "last_log", "patched", "__weakref__")
+    __slots__ = ("name", "ref", "busy", "last_log", "patch", "__weakref__")
 
     def __init__(self, name: str, executor: cf.Executor | None) -> None:
         self.name = name
         self.ref: Callable[[], Any] = weakref.ref(executor) if executor is not None else _nothing
         self.busy = 0
         self.last_log = -LOG_EVERY
-        self.patched = False
+        self.patch: Patch | None = None  # the executor's submit, wrapped (ThreadPoolExecutor)
 
 
 class Executors(Component):
@@ -93,7 +93,7 @@ class Executors(Component):
         self._on_error = on_error
         self._lock = _forksafe.lock()
         self._watched: dict[str, _Watched] = {}
-        self._loops: dict[str, tuple[weakref.ref[Any], str, Callable[..., Any]]] = {}
+        self._loops: dict[str, tuple[str, Patch]] = {}  # loop label -> (executor name, run_in_executor patch)
         self.histogram = self._new_histogram()
 
     def _new_histogram(self) -> Histogram:
@@ -164,31 +164,26 @@ class Executors(Component):
                  reason=f"{kind.__module__}.{kind.__qualname__}.submit is its own: its queue wait is not "
                         f"measured, its gauges are")
             return
-        original = executor.submit
         shim = self._shim
 
-        def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
-            return original(shim(watched, fn), *args, **kwargs)
+        def make(original: Callable[..., cf.Future[Any]]) -> Callable[..., cf.Future[Any]]:
+            def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+                patch = watched.patch
+                if patch is None or not patch.active:  # unwatched under another library's wrapper
+                    return original(fn, *args, **kwargs)
+                return original(shim(watched, fn), *args, **kwargs)
+            return submit
 
-        submit.__loopwatch__ = watched  # type: ignore[attr-defined]
         try:
-            executor.submit = submit  # type: ignore[method-assign]
-            watched.patched = True
+            watched.patch = Patch(executor, "submit", make).apply()
         except AttributeError:  # pragma: no cover - a subclass with __slots__: gauges only
             pass
 
     @staticmethod
     def _unpatch(watched: _Watched) -> None:
-        executor = watched.ref()
-        if executor is None or not watched.patched:
-            return
-        current = getattr(executor, "submit", None)
-        if getattr(current, "__loopwatch__", None) is watched:
-            try:
-                del executor.submit
-            except AttributeError:  # pragma: no cover
-                pass
-        watched.patched = False
+        patch, watched.patch = watched.patch, None
+        if patch is not None:
+            patch.undo()
 
     # -- the default executor, per loop ----------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop, label: str) -> bool:
@@ -205,26 +200,24 @@ class Executors(Component):
         method = type(loop).run_in_executor
         shim, pick_up = self._shim, self._pick_up
         loop_ref = weakref.ref(loop)  # never the loop itself: the wrapper lives on it (no cycle, no leak)
+        holder: list[Patch] = []
 
         def original(executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
             return method(loop_ref(), executor, func, *args)
 
         def run_in_executor(executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-            if executor is not None:
+            if executor is not None or not holder or not holder[0].active:
                 return original(executor, func, *args)
             future = original(None, shim(watched, func), *args)
             if watched.ref() is None:
                 pick_up(watched, loop_ref)
             return future
 
-        run_in_executor.__loopwatch__ = watched  # type: ignore[attr-defined]
-        try:
-            loop.run_in_executor = run_in_executor  # type: ignore[method-assign]
-            if loop.run_in_executor is not run_in_executor:
-                return False
+        try:  # the class's method is what is installed (instance_attribute said so): called through it
+            holder.append(Patch(loop, "run_in_executor", lambda installed: run_in_executor).apply())
         except (AttributeError, TypeError):
             return False
-        self._loops[label] = (loop_ref, name, run_in_executor)
+        self._loops[label] = (name, holder[0])
         with self._lock:
             self._watched[name] = watched
         self._pick_up(watched, loop_ref)  # set_default_executor() may have been called already
@@ -242,19 +235,14 @@ class Executors(Component):
         entry = self._loops.pop(label, None)
         if entry is None:
             return
-        loop_ref, name, wrapper = entry
-        loop = loop_ref()
+        name, patch = entry
         with self._lock:
             self._watched.pop(name, None)
         try:
             self.histogram.remove(self.naming.service, name)
         except KeyError:
             pass
-        try:
-            if loop is not None and loop.run_in_executor is wrapper:
-                del loop.run_in_executor
-        except AttributeError:  # pragma: no cover - changed under us: ours stays a pass-through
-            pass
+        patch.undo()  # restored if still on top, else a pass-through in whoever's chain
 
     def stop(self) -> None:
         with self._lock:
@@ -262,14 +250,8 @@ class Executors(Component):
             self._watched.clear()
         for item in watched:
             self._unpatch(item)
-        for loop_ref, _, wrapper in list(self._loops.values()):
-            loop = loop_ref()
-            if loop is not None:
-                try:
-                    if loop.run_in_executor is wrapper:
-                        del loop.run_in_executor
-                except AttributeError:  # pragma: no cover
-                    pass
+        for _, patch in list(self._loops.values()):
+            patch.undo()
         self._loops.clear()
 
     # -- scrape ----------------------------------------------------------------------------------

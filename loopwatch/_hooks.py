@@ -22,7 +22,7 @@ LoopCallback = Callable[[asyncio.AbstractEventLoop], None]
 
 _original_set_running_loop = getattr(_events, "_set_running_loop", None)
 _chained: Any = _original_set_running_loop  # what our _set_running_loop calls: what was installed before it
-_left_in_chain = False  # our _set_running_loop stayed under another library's patch at uninstall()
+_left: Patch | None = None  # our _set_running_loop's patch, left under another library's at uninstall()
 _callbacks: tuple[LoopCallback, LoopCallback, LoopCallback, Callable[[BaseException], None]] | None = None
 
 
@@ -70,13 +70,13 @@ class LoopHooks:
             self.notes.append("asyncio.events._set_running_loop not found: loops are watched only "
                               "when install() is called inside them")
         else:
-            global _chained, _left_in_chain
+            global _chained, _left
             current = getattr(_events, "_set_running_loop", None)
-            if current is _original_set_running_loop:  # the other library put asyncio's own back
-                _left_in_chain = False
+            if _left is not None and not _left.in_chain:  # the other library put back what ours replaced
+                _left = None
             # Ours may still sit in another library's chain (patched over, then uninstalled): it calls
             # through again as soon as _callbacks is set, and patching again would make a loop.
-            if current is not _set_running_loop and not _left_in_chain:
+            if current is not _set_running_loop and _left is None:
                 _chained = current  # chain to whatever is installed now (another library's)
                 for module in (_events, asyncio):
                     if getattr(module, "_set_running_loop", None) is current:
@@ -125,11 +125,11 @@ class LoopHooks:
         global _callbacks
         if _callbacks is self._callbacks:
             _callbacks = None
-        global _left_in_chain
+        global _left
         while self._patched:
             patch = self._patched.pop()
-            if not patch.undo() and patch.name == "_set_running_loop":
-                _left_in_chain = True
+            if not patch.undo() and patch.owner is _events and patch.name == "_set_running_loop":
+                _left = patch
 
 
 def known_loop_method(loop: Any, name: str) -> bool:
@@ -141,14 +141,3 @@ def known_loop_method(loop: Any, name: str) -> bool:
     uvloop = sys.modules.get("uvloop")
     loop_class = getattr(uvloop, "Loop", None)
     return method is not None and loop_class is not None and method is getattr(loop_class, name, None)
-
-
-def instance_attribute(obj: Any, name: str) -> Any:
-    """What an instance attribute ``name`` of ``obj`` holds (someone wrapped the method before us), or
-    None when ``obj.name`` is the class's own method.  Deliberately not ``vars(obj)``: on CPython >= 3.11
-    that materializes the instance ``__dict__`` and slows every attribute access of a loop's hot path
-    (~14% of an await-step, measured)."""
-    current = getattr(obj, name)
-    if getattr(current, "__self__", None) is obj and getattr(current, "__func__", None) is getattr(type(obj), name, None):
-        return None
-    return current

@@ -33,6 +33,7 @@ from . import _forksafe
 from ._component import Component, Naming
 from ._errors import ConfigError
 from ._log import emit
+from ._patch import Patch
 from ._series import Counter, Histogram
 
 MAX_POOLS = 100
@@ -242,7 +243,7 @@ class Adapter:
         self._ref = weakref.ref(self.target_of(pool))
         self._state = state
         self._pools = pools
-        self._patched: list[tuple[Any, str]] = []
+        self._patched: list[Patch] = []
 
     @staticmethod
     def target_of(pool: Any) -> Any:
@@ -261,22 +262,23 @@ class Adapter:
         raise NotImplementedError
 
     # helpers: wrap an instance method so that it is timed as an acquire or a release
-    def _set(self, obj: Any, name: str, wrapper: Any) -> None:
-        # Only weak references here: the wrapper holds the pool's bound method, and the watch must not
-        # keep the pool (or, through its event listeners, the engine) alive.
-        wrapper.__loopwatch__ = self._state
-        setattr(obj, name, wrapper)
-        self._patched.append((weakref.ref(obj), name))
+    def _set(self, obj: Any, name: str, make: Callable[[Any, Callable[[], bool]], Any]) -> None:
+        """Patch ``obj.name`` with ``make(installed, active)``: a wrapper that times while ``active()``,
+        and passes straight through once unwatched (left in another library's chain).  The patch holds
+        ``obj`` weakly: the wrapper holds the pool's bound method, and the watch must not keep the pool
+        (or, through its event listeners, the engine) alive."""
+        holder: list[Patch] = []
+
+        def active() -> bool:
+            return bool(holder) and holder[0].active
+
+        patch = Patch(obj, name, lambda installed: functools.update_wrapper(make(installed, active), installed))
+        holder.append(patch.apply())
+        self._patched.append(patch)
 
     def unpatch(self) -> None:
-        for obj_ref, name in self._patched:
-            obj = obj_ref()
-            if obj is not None and getattr(getattr(obj, name, None), "__loopwatch__", None) is self._state:
-                try:
-                    delattr(obj, name)
-                except AttributeError:  # pragma: no cover
-                    pass
-        self._patched.clear()
+        while self._patched:
+            self._patched.pop().undo()
 
     def _library_method(self, obj: Any, name: str) -> bool:
         """True if ``obj``'s class takes ``name`` from the pool's library: a subclass's own method (or a
@@ -294,21 +296,26 @@ class Adapter:
     def _wrap_acquire(self, obj: Any, name: str) -> None:
         if not self._library_method(obj, name):
             return
-        original, state, pools = getattr(obj, name), self._state, self._pools
-        if inspect.iscoroutinefunction(original):
-            async def acquire_async(*args: Any, **kwargs: Any) -> Any:
-                started = pools.acquiring(state)
-                try:
-                    connection = await original(*args, **kwargs)
-                except BaseException as exc:
-                    pools.acquired(state, started, None, exc)
-                    raise
-                pools.acquired(state, started, connection, None)
-                return connection
+        state, pools = self._state, self._pools
 
-            self._set(obj, name, functools.update_wrapper(acquire_async, original))
-        else:
+        def make(original: Any, active: Callable[[], bool]) -> Any:
+            if inspect.iscoroutinefunction(original):
+                async def acquire_async(*args: Any, **kwargs: Any) -> Any:
+                    if not active():
+                        return await original(*args, **kwargs)
+                    started = pools.acquiring(state)
+                    try:
+                        connection = await original(*args, **kwargs)
+                    except BaseException as exc:
+                        pools.acquired(state, started, None, exc)
+                        raise
+                    pools.acquired(state, started, connection, None)
+                    return connection
+                return acquire_async
+
             def acquire(*args: Any, **kwargs: Any) -> Any:
+                if not active():
+                    return original(*args, **kwargs)
                 started = pools.acquiring(state)
                 try:
                     connection = original(*args, **kwargs)
@@ -317,25 +324,30 @@ class Adapter:
                     raise
                 pools.acquired(state, started, connection, None)
                 return connection
+            return acquire
 
-            self._set(obj, name, functools.update_wrapper(acquire, original))
+        self._set(obj, name, make)
 
     def _wrap_release(self, obj: Any, name: str) -> None:
         if not self._library_method(obj, name):
             return
-        original, state, pools = getattr(obj, name), self._state, self._pools
-        if inspect.iscoroutinefunction(original):
-            async def release_async(connection: Any, *args: Any, **kwargs: Any) -> Any:
-                pools.released(state, connection)
-                return await original(connection, *args, **kwargs)
+        state, pools = self._state, self._pools
 
-            self._set(obj, name, functools.update_wrapper(release_async, original))
-        else:
+        def make(original: Any, active: Callable[[], bool]) -> Any:
+            if inspect.iscoroutinefunction(original):
+                async def release_async(connection: Any, *args: Any, **kwargs: Any) -> Any:
+                    if active():
+                        pools.released(state, connection)
+                    return await original(connection, *args, **kwargs)
+                return release_async
+
             def release(connection: Any, *args: Any, **kwargs: Any) -> Any:
-                pools.released(state, connection)
+                if active():
+                    pools.released(state, connection)
                 return original(connection, *args, **kwargs)
+            return release
 
-            self._set(obj, name, functools.update_wrapper(release, original))
+        self._set(obj, name, make)
 
 
 class PsycopgPool(Adapter):
@@ -518,7 +530,7 @@ class AsyncpgPool(Adapter):
 
     timeout_types = (asyncio.TimeoutError,)
     _watched: dict[int, AsyncpgPool] = {}  # id(pool) -> adapter, for the class-level wrappers
-    _class_patch: list[tuple[Any, str, Any]] = []
+    _class_patch: dict[str, Patch] = {}  # asyncpg.pool.Pool's methods, wrapped while a pool is watched
 
     def __init__(self, pool: Any, state: PoolState, pools: Pools) -> None:
         self._queue_ref = weakref.ref(pool._queue)
@@ -539,16 +551,15 @@ class AsyncpgPool(Adapter):
 
     def patch(self) -> None:
         AsyncpgPool._watched[self._id] = self
-        if not AsyncpgPool._class_patch:
-            _patch_asyncpg_class()
+        _patch_asyncpg_class()
 
     def unpatch(self) -> None:
         if AsyncpgPool._watched.get(self._id) is self:
             del AsyncpgPool._watched[self._id]
-        if not AsyncpgPool._watched:
-            for cls, name, original in AsyncpgPool._class_patch:
-                setattr(cls, name, original)
-            AsyncpgPool._class_patch.clear()
+        if not AsyncpgPool._watched:  # undone if still on top; else kept, a pass-through (for_pool is None)
+            for name, patch in list(AsyncpgPool._class_patch.items()):
+                if patch.undo():
+                    del AsyncpgPool._class_patch[name]
 
     @classmethod
     def for_pool(cls, pool: Any) -> AsyncpgPool | None:
@@ -567,46 +578,57 @@ class AsyncpgPool(Adapter):
 
 
 def _patch_asyncpg_class() -> None:
+    """Wrap each method not already wrapped: one left under another library's patch at the last unwatch
+    is still in its chain, and times again as soon as a pool is watched (wrapping it again would time twice)."""
     cls = _library("asyncpg.pool").Pool
-    original_acquire, original_release = cls._acquire, cls.release
-    original_close, original_terminate = cls.close, cls.terminate
 
-    async def _acquire(self: Any, timeout: Any) -> Any:
-        adapter = AsyncpgPool.for_pool(self)
-        if adapter is None:
-            return await original_acquire(self, timeout)
-        pools, state = adapter._pools, adapter._state
-        started = pools.acquiring(state)
-        try:
-            connection = await original_acquire(self, timeout)
-        except BaseException as exc:
-            pools.acquired(state, started, None, exc)
-            raise
-        pools.acquired(state, started, connection, None)
-        return connection
+    def make_acquire(original: Any) -> Any:
+        async def _acquire(self: Any, timeout: Any) -> Any:
+            adapter = AsyncpgPool.for_pool(self)
+            if adapter is None:
+                return await original(self, timeout)
+            pools, state = adapter._pools, adapter._state
+            started = pools.acquiring(state)
+            try:
+                connection = await original(self, timeout)
+            except BaseException as exc:
+                pools.acquired(state, started, None, exc)
+                raise
+            pools.acquired(state, started, connection, None)
+            return connection
+        return _acquire
 
-    async def release(self: Any, connection: Any, *, timeout: Any = None) -> Any:
-        adapter = AsyncpgPool.for_pool(self)
-        if adapter is not None:
-            adapter._pools.released(adapter._state, connection)
-        return await original_release(self, connection, timeout=timeout)
+    def make_release(original: Any) -> Any:
+        async def release(self: Any, connection: Any, *, timeout: Any = None) -> Any:
+            adapter = AsyncpgPool.for_pool(self)
+            if adapter is not None:
+                adapter._pools.released(adapter._state, connection)
+            return await original(self, connection, timeout=timeout)
+        return release
 
-    async def close(self: Any) -> Any:
-        adapter = AsyncpgPool.for_pool(self)
-        if adapter is not None:
-            adapter._closed = True
-        return await original_close(self)
+    def make_close(original: Any) -> Any:
+        async def close(self: Any) -> Any:
+            adapter = AsyncpgPool.for_pool(self)
+            if adapter is not None:
+                adapter._closed = True
+            return await original(self)
+        return close
 
-    def terminate(self: Any) -> Any:
-        adapter = AsyncpgPool.for_pool(self)
-        if adapter is not None:
-            adapter._closed = True
-        return original_terminate(self)
+    def make_terminate(original: Any) -> Any:
+        def terminate(self: Any) -> Any:
+            adapter = AsyncpgPool.for_pool(self)
+            if adapter is not None:
+                adapter._closed = True
+            return original(self)
+        return terminate
 
-    for name, wrapper, original in (("_acquire", _acquire, original_acquire), ("release", release, original_release),
-                                    ("close", close, original_close), ("terminate", terminate, original_terminate)):
-        setattr(cls, name, functools.update_wrapper(wrapper, original))
-        AsyncpgPool._class_patch.append((cls, name, original))
+    for name, make in (("_acquire", make_acquire), ("release", make_release), ("close", make_close),
+                       ("terminate", make_terminate)):
+        left = AsyncpgPool._class_patch.get(name)
+        if left is not None and left.in_chain:
+            continue
+        patch = Patch(cls, name, lambda original, make=make: functools.update_wrapper(make(original), original))
+        AsyncpgPool._class_patch[name] = patch.apply()
 
 
 def adapter_for(pool: Any) -> type[Adapter] | None:

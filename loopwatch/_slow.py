@@ -210,9 +210,8 @@ def _set_exact(timer: IterationTimer, on: bool) -> None:
             _exact[timer.key] = timer
         elif _exact.get(timer.key) is timer:
             del _exact[timer.key]
-        if _exact and _run_patch is not None and not _run_patch.on_top and \
-                _events.Handle.__dict__.get("_run") is _STDLIB_RUN:
-            _run_patch = None  # whoever patched over ours put asyncio's own back: ours is out of the chain
+        if _exact and _run_patch is not None and not _run_patch.in_chain:
+            _run_patch = None  # whoever patched over ours put back what it replaced: ours is out of the chain
         if _exact and _run_patch is None:
             _run_patch = Patch(_events.Handle, "_run", _make_timed_run).apply()
         elif not _exact and _run_patch is not None and _run_patch.on_top:
@@ -244,10 +243,8 @@ class IterationTimer:
         self._injected_clock = clock
         self._exact_until = 0.0
         self._exact_on = False
-        self._selector: Any = None
-        self._select: Any = None  # what was installed as the selector's select
+        self._patch: Patch | None = None  # the selector's select (or the epoll object inside it), timed
         self._iterations: Any = None  # its clock: read() and restart()
-        self._attribute = "select"  # which attribute of the selector holds it
         self._last_busy = 0.0  # what busy_now() last returned: the counter never goes back
         self._paused = False  # the loop is not running (between run_until_complete calls)
         self._finished: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
@@ -273,18 +270,16 @@ class IterationTimer:
         threshold = min(self.threshold, self.stall_threshold)
         polling = poll_clock(selector, threshold, self._long, clock=self._injected_clock) if self._accelerated else None
         if polling is not None:  # the selector's own epoll/poll object, timed (see _iteration)
-            selector._selector = polling
-            self._selector, self._select, self._iterations = selector, polling, polling
-            self._attribute = "_selector"
+            self._patch = Patch(selector, "_selector", lambda inner: polling).apply()
+            self._iterations = polling
         else:
             select, iterations = select_clock(original, threshold, self._long,
                                               accelerated=self._accelerated, clock=self._injected_clock)
             try:
-                selector.select = select
+                self._patch = Patch(selector, "select", lambda installed: select).apply()
             except AttributeError:  # a selector without an instance dict
                 return False
-            self._selector, self._select, self._iterations = selector, select, iterations
-            self._attribute = "select"
+            self._iterations = iterations
         if self._exact_always:
             self._exact_on = True
             _set_exact(self, True)
@@ -292,14 +287,12 @@ class IterationTimer:
 
     def uninstall(self) -> None:
         self.set_park(None)
-        selector = self._selector
-        if selector is not None and self._attribute == "select" and getattr(selector, "select", None) is self._select:
-            del selector.select
-        elif selector is not None and self._attribute == "_selector" and getattr(selector, "_selector", None) is self._select:
-            selector._selector = self._select.target
+        patch, self._patch = self._patch, None
+        if patch is not None:
+            patch.undo()  # restored if still on top; else it keeps timing, in whoever's chain holds it
         if self._iterations is not None:
             self.busy_now()  # kept as the final value: the wrapper's clock stops here
-        self._selector = self._select = self._iterations = None
+        self._iterations = None
         if self._exact_on:
             self._exact_on = False
             _set_exact(self, False)

@@ -34,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from . import _forksafe
 from ._component import Component, Degrade, Naming, Report, ignore_error
 from ._errors import ConfigError, check_watch_name
-from ._hooks import instance_attribute
+from ._patch import Patch, instance_attribute
 from ._labels import TopN
 from ._log import emit
 
@@ -60,15 +60,16 @@ def qualified_name(kind: type[BaseException]) -> str:
 class _ChainedHandler:
     """A loop instance's ``call_exception_handler``: count, then call the loop class's own method."""
 
-    __slots__ = ("_loop_ref", "_count", "active")
+    __slots__ = ("_loop_ref", "_count", "patch", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, count: Callable[[Any], None]) -> None:
         self._loop_ref = weakref.ref(loop)
         self._count = count
-        self.active = True
+        self.patch: Patch | None = None  # set once applied; inactive: a pass-through
 
     def __call__(self, context: dict[str, Any]) -> Any:
-        if self.active:
+        patch = self.patch
+        if patch is not None and patch.active:
             self._count(context)  # never raises
         loop = self._loop_ref()
         if loop is None:  # pragma: no cover - the caller holds the loop
@@ -114,11 +115,9 @@ class TaskHealth(Component):
                  reason="the loop's call_exception_handler was already replaced on the instance: left alone, "
                         "exceptions of this loop are not counted")
             return
+        handler = _ChainedHandler(loop, self._count)
         try:
-            handler = _ChainedHandler(loop, self._count)
-            loop.call_exception_handler = handler  # type: ignore[method-assign]
-            if loop.call_exception_handler is not handler:
-                raise AttributeError("the assignment did not take")
+            handler.patch = Patch(loop, "call_exception_handler", lambda original: handler).apply()
         except (TypeError, AttributeError) as exc:
             if not self._degraded:
                 self._degraded = True
@@ -250,15 +249,10 @@ class TaskHealth(Component):
 
 
 def _unchain(handler: _ChainedHandler) -> None:
-    handler.active = False
-    loop = handler._loop_ref()
-    if loop is None:
-        return
-    try:
-        if loop.call_exception_handler is handler:
-            del loop.call_exception_handler
-    except (TypeError, AttributeError):  # pragma: no cover - changed under us: ours stays a pass-through
-        pass
+    """Undo the chaining (``Patch.undo``): restored if still on top, else a pass-through in whoever's chain."""
+    patch = handler.patch
+    if patch is not None:
+        patch.undo()
 
 
 def check_queue(queue: object, name: object) -> None:

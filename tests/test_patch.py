@@ -34,10 +34,57 @@ def test_a_patch_chains_to_what_is_there_and_is_undone_when_it_is_still_on_top()
     owner = types.SimpleNamespace(f=lambda x: x + 1)
     base = owner.f
     calls: list[str] = []
-    patch = Patch(owner, "f", lambda original: counting(calls, "ours", original)).apply()
-    assert owner.f(1) == 2 and calls == ["ours"] and patch.original is base
+    seen: list[object] = []
+    patch = Patch(owner, "f", lambda original: seen.append(original) or counting(calls, "ours", original)).apply()
+    assert owner.f(1) == 2 and calls == ["ours"] and seen == [base]
+    assert patch.in_chain and patch.on_top
     assert patch.undo() is True
     assert owner.f is base
+
+
+def test_in_chain_tells_a_patch_under_someone_elses_from_one_they_took_out() -> None:
+    owner = types.SimpleNamespace(f=lambda x: x + 1)
+    base = owner.f
+    patch = Patch(owner, "f", lambda original: counting([], "ours", original)).apply()
+    owner.f = counting([], "theirs", owner.f)  # on top of ours: ours is still called through theirs
+    assert patch.in_chain and not patch.on_top
+    owner.f = base  # they put the original back: ours is out of every chain
+    assert not patch.in_chain
+
+
+class _Pool:  # an instance-level site: an object loopwatch must never keep alive
+    def acquire(self) -> str:
+        return "connection"
+
+
+def test_an_instance_patch_keeps_neither_the_object_nor_a_refused_assignment() -> None:
+    import gc
+    import weakref
+
+    pool = _Pool()
+    patch = Patch(pool, "acquire", lambda original: counting([], "ours", original)).apply()
+    assert pool.acquire() == "connection" and "acquire" in vars(pool)
+    assert patch.undo() is True and "acquire" not in vars(pool)
+    patch = Patch(pool, "acquire", lambda original: counting([], "ours", original)).apply()
+    ref = weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert ref() is None and patch.owner is None and patch.undo() is False
+
+    class Slotted:
+        __slots__ = ()
+
+        def acquire(self) -> str:
+            return "connection"
+
+    slotted = Slotted()
+    try:
+        Patch(slotted, "acquire", lambda original: counting([], "ours", original)).apply()
+    except AttributeError:
+        pass
+    else:  # pragma: no cover
+        raise AssertionError("a refused assignment must raise")
+    assert slotted.acquire() == "connection"
 
 
 def test_a_patch_someone_else_wrapped_stays_in_their_chain_and_theirs_stays() -> None:
@@ -154,3 +201,72 @@ def test_set_running_loop_wrapped_by_another_library_before_and_after_uninstall(
     finally:
         loopwatch.uninstall()
     assert events._set_running_loop is ORIGINAL_SET_RUNNING_LOOP
+
+
+# -- the instance-level patch sites, with another library on top ----------------------------------------
+
+def test_instance_sites_wrapped_by_another_library_after_loopwatch_keep_both_working(tmp_path: Path) -> None:
+    """A loop's exception handler, its run_in_executor and its selector's select; a watched executor's
+    submit and a watched Redis pool's get_connection and release: another library wraps each after
+    loopwatch.  Before uninstall() both count; after it, theirs stays in place and works, ours passes through."""
+    import concurrent.futures
+
+    import redis
+
+    from conftest import collected, sample
+
+    registry = CollectorRegistry()
+    calls: list[str] = []
+    pool = redis.ConnectionPool(host="127.0.0.1", port=6379)
+    client = redis.Redis(connection_pool=pool)
+    executor = concurrent.futures.ThreadPoolExecutor(2)
+    sites: list[tuple[object, str]] = []
+
+    def wrap_theirs(owner: object, name: str) -> None:
+        setattr(owner, name, counting(calls, f"theirs:{name}", getattr(owner, name)))
+        sites.append((owner, name))
+
+    def boom() -> None:
+        raise ValueError("boom")
+
+    async def use(loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_soon(boom)
+        await asyncio.sleep(0.01)
+        await loop.run_in_executor(None, time.sleep, 0)
+        await asyncio.wrap_future(executor.submit(time.sleep, 0))
+        assert client.ping()
+
+    async def main() -> dict[str, object]:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, _context: None)
+        loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path)
+        loopwatch.watch_executor(executor, "work")
+        loopwatch.watch_pool(pool, "cache")
+        for owner, name in ((loop, "call_exception_handler"), (loop, "run_in_executor"),
+                            (loop._selector, "select"), (executor, "submit"), (pool, "get_connection"),  # type: ignore[attr-defined]
+                            (pool, "release")):
+            wrap_theirs(owner, name)
+        await use(loop)
+        ours = collected(registry)
+        theirs_before = sorted(set(calls))
+        loopwatch.uninstall()
+        assert all(getattr(owner, name) is vars(owner)[name] for owner, name in sites)
+        placed = [getattr(owner, name).__name__ for owner, name in sites]
+        calls.clear()
+        await use(loop)  # after uninstall(): theirs still works, through ours passing through
+        return {"ours": ours, "theirs_before": theirs_before, "theirs_after": sorted(set(calls)), "placed": placed}
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        executor.shutdown()
+        pool.disconnect()
+    ours = result["ours"]
+    assert sample(ours, "loopwatch_task_exceptions_total", exception="ValueError") == 1
+    assert sample(ours, "loopwatch_to_thread_executor_queue_wait_seconds_count", executor="default") == 1
+    assert sample(ours, "loopwatch_to_thread_executor_queue_wait_seconds_count", executor="work") == 1
+    assert sample(ours, "loopwatch_db_client_connection_use_time_seconds_count", pool_name="cache") == 1
+    expected = sorted(f"theirs:{name}" for name in ("call_exception_handler", "run_in_executor", "select", "submit",
+                                                   "get_connection", "release"))
+    assert result["theirs_before"] == expected and result["theirs_after"] == expected
+    assert result["placed"] == ["wrapper"] * len(expected), "theirs stays on top of each site"
