@@ -59,7 +59,7 @@ asyncio-suite: setup
 
 bench: setup
 	tools/system-packages bench
-	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python -m benchmarks.overhead
 
 clean:
 	rm -rf $(VENV) .venv-3.* build *.egg-info .pytest_cache
