@@ -67,7 +67,10 @@ def install(
     Call it inside a running loop, or before any loop exists (e.g. at import, then
     ``asyncio.run(main())``): loops that start running later are watched from their first iteration.
     Every option also comes from ``LOOPWATCH_<NAME>``; explicit arguments win.  Invalid options raise
-    :class:`ConfigError` and nothing is installed.  A second call returns the running agent; passing
+    :class:`ConfigError` and nothing is installed; so does a name clash in the registry.  Anything else that
+    escapes while installing raises ``RuntimeError``, with nothing left behind (no thread, descriptor,
+    patch or series); a part that cannot work is a logged ``loopwatch.degraded`` and the rest runs.
+    A second call returns the running agent; passing
     options that differ from the running agent's raises :class:`ConfigError` (``uninstall()`` first).
     """
     global _agent

@@ -9,7 +9,6 @@ import asyncio
 import atexit
 import dataclasses
 import os
-import re
 import sys
 import time
 import weakref
@@ -30,8 +29,9 @@ from ._gil import GilContention
 from ._gilheld import FaulthandlerFallback
 from ._hooks import LoopHooks, known_loop_method
 from ._iteration import ACCELERATED, BeatActivity, UvActivity, UvStretches
+from ._labels import name_pattern
 from ._log import Degraded, Guard, emit
-from ._metrics import Errors, LoopLag
+from ._metrics import AgentUp, Errors, LoopLag
 from ._pools import Pools
 from ._probe import LoopProbe, Loops, virtual_clock
 from ._slow import IterationTimer, SlowCallback, SlowCallbackMetrics
@@ -118,9 +118,11 @@ class Agent:
                                  gc=self.gc, accelerated=self.accelerated, clock=clock)
         # Start order (stop is the reverse); registry order too: errors_total last, so a scrape counts
         # the failures of that very scrape.
-        self.components: tuple[Component, ...] = tuple(c for c in (
+        parts: tuple[Component, ...] = tuple(c for c in (
             self.lag, self.slow_metrics, self.task_health, self.threads, self.executors, self.pools, dumps,
-            self.fallback, self.exporter, self.watchdog, self.gil, self.errors) if c is not None)
+            self.fallback, self.exporter, self.watchdog, self.gil) if c is not None)
+        self.up = AgentUp(naming, lambda: parts, report=report)
+        self.components: tuple[Component, ...] = (*parts, self.up, self.errors)
         self._hooks = LoopHooks(self._on_loop_start, self._on_loop_stop, self._on_loop_close,
                                 lambda exc: report("hooks", exc))
         self._registered: list[Component] = []
@@ -151,9 +153,23 @@ class Agent:
                 pass
 
     def start(self) -> None:
-        """Register, prepare and start everything; only a registry clash raises (nothing is left)."""
+        """Register, prepare and start everything.  Transactional: a registry clash raises
+        :class:`ConfigError`, anything else that escapes raises ``RuntimeError`` -- and either way nothing
+        is left behind (no thread, descriptor, patch or registered series).  A part that cannot work is
+        a logged degradation instead, and the rest runs."""
         self.register()
         self.started = True
+        try:
+            probe = self._start()
+        except BaseException as exc:
+            self.stop(quiet=True)
+            raise RuntimeError(f"loopwatch could not be installed ({exc!r}); nothing was left installed") from exc
+        emit("info", "loopwatch.installed", version=__version__, namespace=self.options.namespace,
+                    service=self.options.service, pid=os.getpid(), metrics_url=self.metrics_url,
+                    dump_dir=str(self.options.dump_dir), dumps=self.dumps.enabled,
+                    loop=None if probe is None else probe.label)
+
+    def _start(self) -> LoopProbe | None:
         _forksafe.at_fork(self.errors)  # first in a forked child: the others' failures count in the child's
         for component in self.components:
             _forksafe.at_fork(component)
@@ -173,11 +189,7 @@ class Agent:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        probe = self.attach(loop) if loop is not None else None
-        emit("info", "loopwatch.installed", version=__version__, namespace=self.options.namespace,
-                    service=self.options.service, pid=os.getpid(), metrics_url=self.metrics_url,
-                    dump_dir=str(self.options.dump_dir), dumps=self.dumps.enabled,
-                    loop=None if probe is None else probe.label)
+        return self.attach(loop) if loop is not None else None
 
     def resume(self) -> None:
         """In a forked child (see ``_fork``): start again what the child lacks -- each component knows."""
@@ -185,7 +197,7 @@ class Agent:
             with self.guard(component.component):
                 component.start()
 
-    def stop(self) -> None:
+    def stop(self, *, quiet: bool = False) -> None:
         """Stop threads, cancel probes, undo patches, unregister the metrics.  Idempotent."""
         if not self.started:
             return
@@ -206,7 +218,8 @@ class Agent:
                 if probe.activity is not None:
                     probe.activity.uninstall()
         self.unregister()
-        emit("info", "loopwatch.uninstalled")
+        if not quiet:
+            emit("info", "loopwatch.uninstalled")
 
     # -- loops -----------------------------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop) -> LoopProbe | None:
@@ -275,7 +288,8 @@ class Agent:
 
     def _new_label(self) -> str:
         thread = _os.current_thread()
-        base = "main" if thread is _os.main_thread() else re.sub(r"\s+", "_", thread.name)[:64]
+        # Digits as N: loops in worker-1 ... worker-999, one at a time, are all "worker-N" (no new series each)
+        base = "main" if thread is _os.main_thread() else name_pattern(thread.name)
         taken = {p.label for p in self.loops.probes}
         label, n = base, 2
         while label in taken:

@@ -71,6 +71,10 @@ class Component(Collector):
         """This component's series, at scrape time."""
         return ()
 
+    def up(self) -> bool | None:
+        """Is what it runs alive (``agent_up{part}``)?  None: it runs nothing that could die."""
+        return None
+
     def collect(self) -> list[Metric]:
         try:
             return list(self.families())

@@ -38,7 +38,8 @@ def _default_service() -> str:
 
 
 def _default_dump_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "loopwatch"
+    """Per user: ``$TMPDIR/loopwatch-<uid>`` (another user's directory there is refused, see ``_dumps``)."""
+    return Path(tempfile.gettempdir()) / f"loopwatch-{os.getuid()}"
 
 
 @dataclasses.dataclass(frozen=True)

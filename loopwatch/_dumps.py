@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -57,6 +58,26 @@ def write_private(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def unsafe_directory(path: Path) -> str | None:
+    """Why loopwatch must not write into ``path``, or None: a directory that another user could change
+    under it -- writable by group or others and not owned by this process's user (a ``/tmp/loopwatch`` that
+    someone else created world-writable), or a link that another user owns (it could point anywhere)."""
+    uid = os.geteuid()
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        if info.st_uid not in (uid, 0):
+            return (f"dump_dir {str(path)!r} is a symbolic link owned by another user (uid {info.st_uid}): "
+                    f"refused; use a directory of your own")
+        info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        return f"dump_dir {str(path)!r} is not a directory"
+    if info.st_uid != uid and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"dump_dir {str(path)!r} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}) and "
+                f"owned by uid {info.st_uid}, not by this process's (uid {uid}): refused, they could read, "
+                f"replace or plant files there; use a directory of your own")
+    return None
 
 
 def render_text(dump: dict[str, Any]) -> str:
@@ -116,11 +137,16 @@ class DumpWriter:
         return self.disabled_reason is None
 
     def prepare(self) -> None:
-        """Create the directory (0700) and prove it is writable; disable dumps with a reason if not."""
+        """Create the directory (0700), refuse one another user controls, and prove it is writable;
+        disable dumps with a reason if not."""
         if not self.enabled:
             return
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            why = unsafe_directory(self.directory)
+            if why is not None:
+                self.disabled_reason = why
+                return
             probe = self.directory / f".{PREFIX}write-test-{os.getpid()}"
             write_private(probe, b"")
             probe.unlink()
@@ -223,6 +249,9 @@ class Dumps(Component):
 
     @property
     def enabled(self) -> bool:
+        return self.writer.enabled
+
+    def up(self) -> bool:
         return self.writer.enabled
 
     def start(self) -> None:

@@ -178,6 +178,11 @@ class Exporter:
             pass
 
     @property
+    def serving(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    @property
     def port(self) -> int | None:
         """The port actually bound, or ``None``."""
         return None if self._server is None else int(self._server.getsockname()[1])
@@ -249,6 +254,10 @@ class MetricsEndpoint(Component):
     @property
     def url(self) -> str | None:
         return self.server.url if self.server is not None else None
+
+    def up(self) -> bool:
+        server = self.server
+        return server is not None and server.serving
 
     def start(self) -> None:
         if self.server is not None:

@@ -71,6 +71,9 @@ class GilContention(Component):
     def stop(self) -> None:
         self.probe.stop()
 
+    def up(self) -> bool | None:
+        return self.probe.running if self.enabled and self.probe.interval > 0 else None
+
     def _new_histogram(self) -> Histogram:
         metrics = self.naming
         histogram = Histogram(

@@ -30,6 +30,7 @@ import faulthandler
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,7 +51,14 @@ REPEAT = 0.25  # seconds between the stacks written while the stall lasts
 # REPEAT s puts a stack between the threshold and REPEAT s after it, whatever the stall's phase.
 STACK_HEADER = "Stack (most recent call first):"
 _HEADER = re.compile(r"^# loopwatch in-flight pid=(\d+) created=(\d+) loop_thread=(0x[0-9a-f]+|none)"
-                     r"(?: probe_interval=[0-9.]+)? service=(.*)$")
+                     r"(?: probe_interval=[0-9.]+)?(?: host=(\S*))? service=(.*)$")
+_HOST_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+
+
+def host_id() -> str:
+    """This host (in Kubernetes, this pod) as it goes into in-flight file names: two pods that share a dump
+    volume, both pid 1, never take each other's file for their own or for a dead process's."""
+    return _HOST_UNSAFE.sub("_", socket.gethostname())[:64] or "unknown"
 _CLOCK_MONOTONIC = 1
 _TIMER_ABSTIME = 1
 _SIGEV_THREAD_ID = 4
@@ -85,8 +93,8 @@ def _timer_api() -> tuple[object, object, object] | None:
     return None
 
 
-def inflight_name(pid: int, created_ms: int) -> str:
-    return f"{INFLIGHT_PREFIX}{pid}-{created_ms}.txt"
+def inflight_name(pid: int, created_ms: int, host: str) -> str:
+    return f"{INFLIGHT_PREFIX}{pid}-{created_ms}-{host}.txt"
 
 
 def parse_header(text: str) -> dict[str, object] | None:
@@ -95,7 +103,8 @@ def parse_header(text: str) -> dict[str, object] | None:
         return None
     thread = match.group(3)
     return {"pid": int(match.group(1)), "created_ms": int(match.group(2)),
-            "loop_thread": None if thread == "none" else int(thread, 16), "service": match.group(4)}
+            "loop_thread": None if thread == "none" else int(thread, 16), "host": match.group(4),
+            "service": match.group(5)}
 
 
 def split_stacks(text: str) -> list[str]:
@@ -122,7 +131,8 @@ class GilHeldStacks:
     """Owns the in-flight file, the signal handler and the owner loop's timer (see the module docstring)."""
 
     def __init__(self, directory: Path, *, pid: int, created_ms: int, service: str) -> None:
-        self.path = directory / inflight_name(pid, created_ms)
+        self._host = host_id()
+        self.path = directory / inflight_name(pid, created_ms, self._host)
         self._pid = pid
         self._created_ms = created_ms
         self._service = service
@@ -143,9 +153,7 @@ class GilHeldStacks:
         number = _free_signal()
         if api is None or number is None or not hasattr(faulthandler, "register"):
             return "no POSIX timer with SIGEV_THREAD_ID or no free real-time signal on this platform"
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-        self._fd = _os.open(self.path, flags, 0o600)
-        _os.fchmod(self._fd, 0o600)
+        self._fd = _create_private(self.path)
         self._write_header()
         faulthandler.register(number, file=self._fd, all_threads=False, chain=False)
         self._api, self.signal = api, number
@@ -213,7 +221,7 @@ class GilHeldStacks:
             return
         thread = "none" if self.loop_thread is None else hex(self.loop_thread)
         header = (f"# loopwatch in-flight pid={self._pid} created={self._created_ms} loop_thread={thread} "
-                  f"service={self._service}\n").encode()
+                  f"host={self._host} service={self._service}\n").encode()
         _os.ftruncate(self._fd, 0)
         _os.write(self._fd, header)
         self._header_len = len(header)
@@ -264,6 +272,20 @@ class GilHeldStacks:
             pass
 
 
+def _create_private(path: Path) -> int:
+    """A new file at ``path``, mode 0600, never through a link: ``O_EXCL | O_NOFOLLOW``.  Whatever is at
+    that name already (a planted link or file: the name can be guessed) is removed -- the entry, never
+    what a link points to -- and the file is created anew."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = _os.open(path, flags, 0o600)
+    except FileExistsError:
+        os.unlink(path)
+        fd = _os.open(path, flags, 0o600)
+    _os.fchmod(fd, 0o600)
+    return fd
+
+
 def threading_native_id() -> int:
     return _os.get_native_id()
 
@@ -271,7 +293,8 @@ def threading_native_id() -> int:
 def leftover_dumps(directory: Path, *, own: Path | None,
                    build: Callable[..., dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """``unfinished_stall`` dumps from the in-flight files of processes that died mid-stall (each file
-    is removed once read; ``own`` -- this process's -- is skipped)."""
+    is removed once read; ``own`` -- this process's -- is skipped, and so are other hosts' files)."""
+    host = host_id()
     for path in sorted(directory.glob(f"{INFLIGHT_PREFIX}*.txt")):
         if path == own:
             continue
@@ -281,8 +304,9 @@ def leftover_dumps(directory: Path, *, own: Path | None,
         except OSError:
             continue
         header = parse_header(text)
-        if header is None or _process_alive(int(header["pid"]), int(header["created_ms"])):  # type: ignore[call-overload]
-            continue
+        if header is None or header["host"] not in (None, host) or \
+                _process_alive(int(header["pid"]), int(header["created_ms"])):  # type: ignore[call-overload]
+            continue  # another host's (a pod sharing the volume: its pids are not ours to judge), or alive
         body = text.split("\n", 1)[1] if "\n" in text else ""
         blocks = split_stacks(body) or _frames.split_faulthandler(body)  # this version's, or an older one's
         if blocks:
@@ -294,7 +318,7 @@ def leftover_dumps(directory: Path, *, own: Path | None,
                 "unfinished_stall", loop=None, stall_seconds=None, loop_stack=loop_stack,
                 threads=[_frames.thread_entry(i, s, {}) for i, s in sorted(stacks.items())],
                 tasks=[], source="faulthandler", pid=header["pid"], service=header["service"],
-                timestamp=mtime, hostname=None, python=None, loopwatch=None,
+                timestamp=mtime, hostname=header["host"], python=None, loopwatch=None,
                 note="the process ended during this stall (killed, e.g. by a liveness probe, or "
                      "crashed); its loop thread wrote this stack while the stall was going on")
         path.unlink(missing_ok=True)
@@ -353,6 +377,9 @@ class FaulthandlerFallback(Component):
             self._degrade("faulthandler", f"stalls that hold the GIL are counted without a stack: {why}")
             return
         self.stacks = stacks
+
+    def up(self) -> bool | None:
+        return self.stacks is not None if self._enabled() else None
 
     def stop(self) -> None:
         stacks, self.stacks = self.stacks, None

@@ -8,12 +8,22 @@ the total).  Keys not updated for ``forget_after`` seconds are dropped first whe
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
 from . import _forksafe
 
 OTHER = "other"
+_DIGITS = re.compile(r"\d+")
+_SPACES = re.compile(r"\s+")
+
+
+def name_pattern(name: str, limit: int = 64) -> str:
+    """A thread's name as a label value that does not grow with the number of threads: every run of
+    digits becomes ``N`` (``worker-17`` -> ``worker-N``, ``ThreadPoolExecutor-0_3`` ->
+    ``ThreadPoolExecutor-N_N``), whitespace ``_``, at most ``limit`` characters."""
+    return _SPACES.sub("_", _DIGITS.sub("N", name.strip()))[:limit] or "unnamed"
 
 
 class TopN:

@@ -85,6 +85,27 @@ class LoopLag(Component):
         yield from self.spikes.collect()
 
 
+class AgentUp(Component):
+    """``agent_up{part}``: 1 while each part that runs something (the watchdog thread, the exporter, the GIL
+    probe, the faulthandler fallback, dumps) is alive, 0 once it is not -- it could not start, or died."""
+
+    def __init__(self, naming: Naming, parts: Callable[[], Iterable[Component]], *,
+                 report: Report = ignore_error) -> None:
+        super().__init__(naming, report=report)
+        self._parts = parts
+
+    def families(self) -> list[Metric]:
+        up = self.naming.family(GaugeMetricFamily, "agent_up",
+                                "1 while each running part of loopwatch is alive, 0 if it could not start or "
+                                "died (see errors_total and the loopwatch.error / loopwatch.degraded events).",
+                                ["part"])
+        for part in self._parts():
+            alive = part.up()
+            if alive is not None:
+                up.add_metric([self.naming.service, part.component], 1.0 if alive else 0.0)
+        return [up]
+
+
 class Errors(Component):
     """``errors_total{component}``: loopwatch's own failures, counted by ``_log.Guard``.  Registered
     last, so a scrape includes the failures of that very scrape."""

@@ -95,17 +95,16 @@ def describe_task(task: asyncio.Task) -> dict[str, Any]:
     }
 
 
-_current_tasks = getattr(asyncio.tasks, "_current_tasks", None)  # {loop: task}, kept by asyncio and uvloop
-
-
 def running_task(loop: asyncio.AbstractEventLoop | None) -> asyncio.Task | None:
     """The task whose step ``loop`` is running now, read from another thread (the watchdog, mid-stall);
-    None for a plain callback, or where this Python keeps the current task elsewhere."""
+    None for a plain callback.  The public ``asyncio.current_task(loop)``: with the loop given it reads
+    the task that loop's thread is running (a dict lookup up to 3.13, the loop's thread state from 3.14,
+    where ``asyncio.tasks._current_tasks`` is no longer filled) and runs nothing on the loop."""
     if loop is None:
         return None
     try:
-        task = _current_tasks.get(loop) if _current_tasks is not None else None
-    except Exception:  # noqa: BLE001 - feature-detected internals
+        task = asyncio.current_task(loop)
+    except Exception:  # noqa: BLE001 - never raise into the watchdog's look
         return None
     return task if isinstance(task, asyncio.Task) else None
 

@@ -3,13 +3,15 @@
 Nothing runs periodically for these: each scrape reads ``/proc/self/task/*/stat`` through psutil
 (~0.5 ms for 20 threads, in the exporter thread, never on the loop).
 
-* ``thread_cpu_seconds_total{thread_name, native_id}``: Python threads are named through
-  ``threading`` (their ``native_id``); threads Python does not know (a C library's) get the kernel's
-  name (``/proc/self/task/<tid>/comm``).  The ``TOP`` threads with the most CPU keep their own series;
-  the CPU of the others goes to ``thread_name="other"``, which only ever grows (each folded thread
-  adds what it used since the previous scrape).  A thread that ended disappears.  A thread promoted
-  from ``other`` to its own series exports what it used since it was folded, so the series still add
-  up to the CPU of the process's live threads plus what ``other`` accumulated.
+* ``thread_cpu_seconds_total{thread_name, native_id}``: one series per *kind* of thread.  Python threads
+  are named through ``threading``; threads Python does not know (a C library's) get the kernel's name
+  (``/proc/self/task/<tid>/comm``).  Names are normalised (``_labels.name_pattern``: every run of digits
+  becomes ``N``), so ``worker-1`` ... ``worker-999``, ``ThreadPoolExecutor-0_3`` or a server's thread per
+  request are one series each kind, not one per thread; loopwatch's own threads are ``loopwatch-*``.
+  A series is the CPU of the live threads of its kind plus what the ended ones used: a counter that never
+  goes down, and never disappears.  The first ``TOP`` kinds seen get their own series (``native_id``: the
+  first such thread's); later kinds add to ``thread_name="other"``.  So the set of series only grows, up
+  to ``TOP + 1``: churn creates none.
 * ``threads_total``: threads in the process, Python's and native ones.
 * ``cpu_process_cores``: process CPU seconds per second over the window since the previous reading
   (at least ``MIN_WINDOW`` seconds; the first scrape measures from ``install()``).
@@ -17,6 +19,7 @@ Nothing runs periodically for these: each scrape reads ``/proc/self/task/*/stat`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -27,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from . import _forksafe
 from ._component import Component, Naming, Report, ignore_error
+from ._labels import name_pattern
 
 TOP = 20
 MIN_WINDOW = 1.0
@@ -51,6 +55,12 @@ def kernel_thread_name(tid: int) -> str:
         return f"thread-{tid}"
 
 
+@dataclasses.dataclass
+class _Kind:
+    native_id: str  # the first thread of this kind seen (label value; fixed, so the series never changes)
+    ended: float = 0.0  # CPU seconds of its threads that have ended
+
+
 class ThreadCpu(Component):
     """The thread/CPU component (see the module docstring)."""
 
@@ -71,14 +81,15 @@ class ThreadCpu(Component):
 
     def reset(self) -> None:
         """Start from now (also in a forked child: another process, other threads)."""
-        self._lock = _forksafe.lock()
         self._pid = os.getpid()
         self._process = psutil.Process() if self._process.pid != self._pid else self._process
-        self._last_cpu: dict[int, float] = {}  # tid -> its CPU at the previous scrape
-        self._folded: dict[int, float] = {}  # tid -> CPU it added to "other" so far
-        self._other = 0.0
+        self._kinds: dict[str, _Kind] = {}
+        self._threads: dict[int, tuple[str, float]] = {}  # tid -> (its kind, its CPU at the last scrape)
         self._cores: float | None = None
         self._window_start = (self._clock(), self._process_cpu())
+
+    def after_fork(self) -> None:
+        self.reset()
 
     def _process_cpu(self) -> float:
         try:
@@ -87,39 +98,45 @@ class ThreadCpu(Component):
         except psutil.Error:
             return 0.0
 
-    def after_fork(self) -> None:
-        self.reset()
-
     def families(self) -> list[Metric]:
         with self._lock:
             return self._collect()
 
+    def _kind_of(self, tid: int, names: dict[int, str]) -> str:
+        kind = name_pattern(names.get(tid) or self._kernel_name(tid))
+        if kind not in self._kinds:
+            if len(self._kinds) - (OTHER in self._kinds) >= self._top:
+                kind = OTHER
+            if kind not in self._kinds:
+                self._kinds[kind] = _Kind("" if kind == OTHER else str(tid))
+        return kind
+
     def _collect(self) -> list[Metric]:
         family = self.naming.family
         service = self.naming.service
-        threads = self._process.threads()
-        cpu = {t.id: float(t.user_time + t.system_time) for t in threads}
-        names = self._names()
-
-        # The busiest threads (CPU so far) keep their own series.
-        ranked = sorted(cpu, key=lambda tid: (-cpu[tid], tid))
-        own = set(ranked[: self._top])
-        for tid in ranked[self._top:]:
-            delta = cpu[tid] - self._last_cpu.get(tid, 0.0)
-            if delta > 0:
-                self._other += delta
-                self._folded[tid] = self._folded.get(tid, 0.0) + delta
-        self._last_cpu = cpu
-        self._folded = {tid: v for tid, v in self._folded.items() if tid in cpu}
+        cpu = {t.id: float(t.user_time + t.system_time) for t in self._process.threads()}
+        names: dict[int, str] | None = None
+        threads, kinds = self._threads, self._kinds
+        for tid, (kind, last) in list(threads.items()):
+            if tid not in cpu or cpu[tid] < last:  # ended (or its id reused by a new thread)
+                kinds[kind].ended += last
+                del threads[tid]
+        live: dict[str, float] = {}
+        for tid, used in cpu.items():
+            entry = threads.get(tid)
+            if entry is None:
+                if names is None:
+                    names = self._names()
+                entry = (self._kind_of(tid, names), used)
+            threads[tid] = (entry[0], used)
+            live[entry[0]] = live.get(entry[0], 0.0) + used
 
         per_thread = family(CounterMetricFamily, "thread_cpu_seconds",
-                            f"CPU seconds per thread (user + system); the {self._top} busiest threads, the "
-                            f"rest summed in thread_name=\"other\".", ["thread_name", "native_id"])
-        for tid in sorted(own):
-            name = names.get(tid) or self._kernel_name(tid)
-            per_thread.add_metric([service, name, str(tid)], max(0.0, cpu[tid] - self._folded.get(tid, 0.0)))
-        if self._other > 0 or len(cpu) > self._top:
-            per_thread.add_metric([service, OTHER, ""], self._other)
+                            f"CPU seconds (user + system) per kind of thread (names with their digits as N), "
+                            f"ended threads included; the first {self._top} kinds, the rest in "
+                            f"thread_name=\"other\".", ["thread_name", "native_id"])
+        for kind in sorted(kinds):
+            per_thread.add_metric([service, kind, kinds[kind].native_id], kinds[kind].ended + live.get(kind, 0.0))
 
         count = family(GaugeMetricFamily, "threads_total", "Threads in the process (Python and native).")
         count.add_metric([service], float(len(cpu)))

@@ -33,3 +33,4 @@ get_ident = threading.get_ident
 main_thread = threading.main_thread
 get_native_id = threading.get_native_id
 sleep = time.sleep
+monotonic = time.monotonic

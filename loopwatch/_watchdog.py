@@ -54,6 +54,7 @@ MIN_KIND_WINDOW = 0.02  # seconds: the shortest window inside a stall that its k
 LATE = 0.1  # seconds: a look this much later than planned was starved (GIL held, process paused)
 MAX_SLEEP = 5.0  # the watchdog looks at least this often (closed loops, housekeeping)
 KEY_TOLERANCE = 0.002  # seconds: a stretch's start as seen live and as reported at its end (uvloop: ms)
+MAX_RESTARTS = 10  # the watchdog thread restarts after an error, at most this many times
 MAX_PENDING = 8  # live stalls per loop waiting for their end (a bound, never reached in practice)
 _DUMP_FAILED = "the dump could not be written: see loopwatch.error and errors_total{component=\"dump\"}"
 
@@ -179,6 +180,7 @@ class Watchdog(Component):
         if self.waker is not None:
             self.waker.close()
             self.waker = None
+        self.park = None  # its timerfd closes with it, once the loops' clocks have let go too (agent.stop)
         self.drain()
 
     def after_fork(self) -> None:
@@ -202,7 +204,29 @@ class Watchdog(Component):
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def up(self) -> bool:
+        return self.alive
+
     def _run(self) -> None:
+        """The thread: :meth:`_watch`, restarted after an error that escaped it (counted and logged as a
+        ``watchdog`` error); after ``MAX_RESTARTS`` in a row it gives up, and ``agent_up{part="watchdog"}``
+        says so."""
+        failures = 0
+        while failures < MAX_RESTARTS:
+            began = _os.monotonic()
+            try:
+                self._watch()
+                return
+            except Exception as exc:  # noqa: BLE001 - never die silently
+                self._guard.report("watchdog", exc)
+                if self._stopping:
+                    return
+                failures = failures + 1 if _os.monotonic() - began < 60.0 else 1  # in a row: a minute apart
+                _os.sleep(0.1)
+        emit("error", "loopwatch.error", component="watchdog",
+             error=f"the watchdog thread failed {MAX_RESTARTS} times in a row and stopped: stalls are no longer seen")
+
+    def _watch(self) -> None:
         planned = self._clock()
         parked = False
         while True:

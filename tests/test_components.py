@@ -24,7 +24,7 @@ from loopwatch._executors import Executors
 from loopwatch._exporter import MetricsEndpoint
 from loopwatch._gil import GilContention
 from loopwatch._gilheld import FaulthandlerFallback
-from loopwatch._metrics import Errors, LoopLag
+from loopwatch._metrics import AgentUp, Errors, LoopLag
 from loopwatch._pools import Pools
 from loopwatch._slow import SlowCallbackMetrics
 from loopwatch._tasks import TaskHealth
@@ -33,7 +33,7 @@ from loopwatch._watchdog import Watchdog
 
 PACKAGE = Path(loopwatch.__file__).parent
 EVERY = {LoopLag, SlowCallbackMetrics, TaskHealth, ThreadCpu, Executors, Pools, Dumps, FaulthandlerFallback,
-         MetricsEndpoint, Watchdog, GilContention, Errors}
+         MetricsEndpoint, Watchdog, GilContention, AgentUp, Errors}
 
 
 def registered(registry: CollectorRegistry) -> list[object]:

@@ -392,3 +392,28 @@ def test_uvloop_utilization_and_slow_callbacks_from_libuv_iterations(app_runner,
     assert re.search(r"culprit='?" + re.escape(str(APP)) + r":\d+ in burn", events[0])  # the innermost frame
     assert f"source={APP}:{marker_line('LONG-STEP') - 2}" in events[0]  # the coroutine's def line
     assert 0.3 < (busy(end) - busy(samples)) / elapsed < 0.75
+
+
+def test_the_running_task_is_read_from_another_thread_through_the_public_api() -> None:
+    """Mid-stall, the watchdog asks which task the loop thread is running (``asyncio.current_task(loop)``,
+    which also works on 3.14, where ``asyncio.tasks._current_tasks`` is no longer filled)."""
+    import threading
+
+    from loopwatch._slow import running_task
+
+    seen: list[object] = []
+
+    async def blocker() -> None:
+        loop = asyncio.get_running_loop()
+        reader = threading.Thread(target=lambda: seen.append(running_task(loop)))
+        reader.start()
+        reader.join(5)  # the loop thread blocks in this task's step while the other thread reads
+
+    async def main() -> object:
+        task = asyncio.create_task(blocker(), name="the-blocker")
+        await task
+        return task
+
+    task = asyncio.run(main())
+    assert seen == [task]
+    assert running_task(None) is None

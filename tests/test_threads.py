@@ -54,29 +54,32 @@ def _cpu_series(samples: dict) -> dict[str, float]:
 
 
 # -- per-thread CPU: bounded labels, other, ended threads, process cores (injected clock) ------------
-def test_busiest_threads_keep_their_series_and_the_rest_fold_into_a_growing_other() -> None:
-    now = [100.0]
+def test_one_series_per_kind_of_thread_that_never_goes_down_and_never_disappears() -> None:
     process = FakeProcess()
-    names = {1: "MainThread", 2: "cpu-a", 3: "cpu-b"}
-    cpu = ThreadCpu(_metrics(), process=process, top=2, clock=lambda: now[0], names=lambda: names,
+    names = {1: "MainThread", 2: "worker-1", 3: "worker-2"}
+    cpu = ThreadCpu(_metrics(), process=process, top=2, clock=lambda: 100.0, names=lambda: names,
                     kernel_name=lambda tid: f"native-{tid}")
     process.cpu = {1: 1.0, 2: 5.0, 3: 3.0, 4: 0.5}
-    series = _cpu_series(_samples(cpu.collect()))
-    assert series == {"cpu-a": 5.0, "cpu-b": 3.0, "other": 1.5}  # MainThread and native 4 folded
-
-    process.cpu = {1: 1.2, 2: 6.0, 3: 3.5, 4: 0.6}
-    series = _cpu_series(_samples(cpu.collect()))
-    assert series == {"cpu-a": 6.0, "cpu-b": 3.5, "other": pytest.approx(1.8)}
-
-    # cpu-b ends: its series disappears, other never goes down, MainThread is promoted with what it used
-    # since it was folded (nothing: all of it is in "other" already).
-    process.cpu = {1: 1.5, 2: 7.0, 4: 0.6}
     samples = _samples(cpu.collect())
-    series = _cpu_series(samples)
-    assert set(series) == {"cpu-a", "MainThread", "other"}
-    assert series["other"] == pytest.approx(1.8)  # native 4 used nothing more; other never goes down
-    assert series["MainThread"] == pytest.approx(1.5 - 1.2)
-    assert sample(samples, "t_threads_total") == 3.0
+    # worker-1 and worker-2 are one kind; the third kind (native-4) is past top=2: "other".
+    assert _cpu_series(samples) == {"MainThread": 1.0, "worker-N": 8.0, "other": 0.5}
+    assert sample(samples, "t_thread_cpu_seconds_total", thread_name="worker-N", native_id="2") == 8.0
+
+    # worker-2 ends, worker-7 starts: the kind's counter keeps what worker-2 used and grows on.
+    names.update({7: "worker-7"})
+    process.cpu = {1: 1.2, 2: 6.0, 4: 0.6, 7: 0.5}
+    assert _cpu_series(_samples(cpu.collect())) == pytest.approx({"MainThread": 1.2, "worker-N": 9.5, "other": 0.6})
+
+    # Every worker ends: the series stays (no series dropped and created again with churn).
+    process.cpu = {1: 1.5}
+    samples = _samples(cpu.collect())
+    assert _cpu_series(samples) == pytest.approx({"MainThread": 1.5, "worker-N": 9.5, "other": 0.6})
+    assert sample(samples, "t_threads_total") == 1.0
+
+    # A thread id reused by a new thread (its CPU starts again from ~0) is a new thread, not a decrease.
+    names[2] = "worker-9"
+    process.cpu = {1: 1.5, 2: 0.25}
+    assert _cpu_series(_samples(cpu.collect()))["worker-N"] == pytest.approx(9.75)
 
 
 def test_an_unnamed_native_thread_gets_its_kernel_name_and_native_id() -> None:
@@ -90,13 +93,52 @@ def test_an_unnamed_native_thread_gets_its_kernel_name_and_native_id() -> None:
     assert sample(samples, "t_thread_cpu_seconds_total", thread_name="other") is None  # nothing folded
 
 
-def test_labels_stay_bounded_with_many_threads() -> None:
+def _letters(tid: int) -> str:  # a name without digits: a kind of its own
+    return "".join(chr(ord("a") + int(d)) for d in str(tid))
+
+
+def test_labels_stay_bounded_with_many_kinds_of_thread() -> None:
     process = FakeProcess()
     process.cpu = {tid: float(tid) for tid in range(1, 501)}
-    cpu = ThreadCpu(_metrics(), process=process, top=20, names=dict, kernel_name=str)
+    cpu = ThreadCpu(_metrics(), process=process, top=20, names=dict, kernel_name=_letters)
     series = _cpu_series(_samples(cpu.collect()))
     assert len(series) == 21 and "other" in series
-    assert series["other"] == sum(range(1, 481))
+    assert sum(series.values()) == sum(range(1, 501))
+
+
+def test_hours_of_thread_churn_create_no_new_series_and_no_counter_goes_down() -> None:
+    """Simulated: 8 hours, a scrape every 5 s, threads starting and ending all the time -- uniquely numbered
+    workers, a thread per request, kinds of thread never seen before -- with an injected clock."""
+    now = [0.0]
+    process = FakeProcess()
+    names: dict[int, str] = {1: "MainThread", 2: "loopwatch-watchdog", 3: "loopwatch-exporter"}
+    cpu = ThreadCpu(_metrics(), process=process, clock=lambda: now[0], names=lambda: names, kernel_name=_letters)
+    live = {1: 0.0, 2: 0.0, 3: 0.0}
+    next_tid, seen_series, last = 10, set(), {}
+    for scrape in range(8 * 3600 // 5):
+        now[0] += 5.0
+        for tid in list(live):
+            live[tid] += 0.01
+            if tid > 3 and (tid + scrape) % 3 == 0:
+                del live[tid]  # ended
+        for _ in range(4):  # four new threads per scrape
+            kind = next_tid % 4
+            names[next_tid] = (f"worker-{next_tid}", f"Thread-{next_tid} (process_request_thread)",
+                               f"ThreadPoolExecutor-{next_tid % 7}_{next_tid}", "")[kind]
+            if kind == 3 and next_tid % 400 == 3:
+                names[next_tid] = f"rare-{_letters(next_tid)}"  # now and then a kind never seen before
+            live[next_tid] = 0.0
+            next_tid += 1
+        process.cpu = dict(live)
+        series = {(name, dict(labels)["thread_name"], dict(labels)["native_id"]): v
+                  for (name, labels), v in _samples(cpu.collect()).items() if name == "t_thread_cpu_seconds_total"}
+        seen_series |= set(series)
+        for key, value in series.items():
+            assert value >= last.get(key, 0.0) - 1e-9, key  # a counter never goes down
+        assert set(last) <= set(series), "no series disappears"
+        last = series
+    assert len(seen_series) <= 21, sorted(seen_series)  # the top 20 kinds and other, ever
+    assert next_tid > 20_000
 
 
 def test_process_cores_over_a_window_of_at_least_a_second() -> None:
@@ -244,19 +286,18 @@ def _thread_cpu(samples: dict) -> dict[str, float]:
             if name == f"{NS}_thread_cpu_seconds_total"}
 
 
-def test_three_cpu_bound_threads_have_their_own_cpu_series(app_runner, tmp_path) -> None:
+def test_three_cpu_bound_threads_of_one_kind_share_one_cpu_series(app_runner, tmp_path) -> None:
     app, url, stop = _start(app_runner, tmp_path, "cpu")
     first = _thread_cpu(scrape(url))
     time.sleep(3.0)
     samples = scrape(url)
     later = _thread_cpu(samples)
     _finish(app, stop)
-    workers = [f"cpu-worker-{i}" for i in range(3)]
-    for name in workers:
-        assert later[name] - first.get(name, 0.0) > 0.2, (name, first, later)  # each one burned CPU
+    # cpu-worker-0, -1 and -2: one kind of thread, one series, with the CPU of all three
+    assert later["cpu-worker-N"] - first.get("cpu-worker-N", 0.0) > 3 * 0.2, (first, later)
     ids = {dict(labels)["native_id"] for (name, labels), _ in samples.items()
-           if name == f"{NS}_thread_cpu_seconds_total" and dict(labels)["thread_name"] in workers}
-    assert len(ids) == 3 and all(i.isdigit() for i in ids)
+           if name == f"{NS}_thread_cpu_seconds_total" and dict(labels)["thread_name"] == "cpu-worker-N"}
+    assert len(ids) == 1 and ids.pop().isdigit()
     assert {"MainThread", "loopwatch-exporter", "loopwatch-gil"} <= set(later)
     assert sample(samples, f"{NS}_threads_total") >= 7
     assert 0.5 < sample(samples, f"{NS}_cpu_process_cores") < 2.5  # the GIL lets ~1 core run Python
