@@ -61,6 +61,11 @@ def install(
     native_stacks: bool | None = None,
     accelerator: bool | None = None,
     disable: Any = None,
+    metrics_certfile: str | os.PathLike[str] | None = None,
+    metrics_keyfile: str | os.PathLike[str] | None = None,
+    metrics_client_cafile: str | os.PathLike[str] | None = None,
+    metrics_client_capath: str | os.PathLike[str] | None = None,
+    metrics_client_auth_required: bool | None = None,
 ) -> Agent:
     """Install the agent (idempotent) and return it.
 

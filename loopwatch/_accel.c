@@ -1033,8 +1033,155 @@ accel_monotonic(PyObject *module, PyObject *Py_UNUSED(ignored))
     return PyFloat_FromDouble(mono_ns() / 1e9);
 }
 
+/* thread_cpu(): {tid: CPU seconds (user + system)} of every thread of this process, from
+ * /proc/self/task/<tid>/stat -- the fields psutil reads.  Read here, holding the GIL throughout: a
+ * scrape under GIL contention would otherwise hand the GIL over (and wait to get it back, up to a switch
+ * interval per busy thread) at every open, read and close of every thread's file. */
+#include <dirent.h>
+#include <fcntl.h>
+
+static PyObject *
+accel_thread_cpu(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    long ticks = sysconf(_SC_CLK_TCK);
+    DIR *dir = opendir("/proc/self/task");
+    if (dir == NULL) {
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/proc/self/task");
+    }
+    PyObject *out = PyDict_New();
+    struct dirent *entry;
+    char path[64], buf[1024];
+    while (out != NULL && (entry = readdir(dir)) != NULL) {
+        if (entry->d_name[0] < '0' || entry->d_name[0] > '9') {
+            continue;
+        }
+        snprintf(path, sizeof path, "/proc/self/task/%s/stat", entry->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            continue;  /* the thread ended meanwhile */
+        }
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0) {
+            continue;
+        }
+        buf[n] = '\0';
+        char *p = strrchr(buf, ')');  /* the name (field 2) may hold spaces and parentheses */
+        if (p == NULL || p[1] != ' ') {
+            continue;
+        }
+        p += 2;  /* field 3 (state) */
+        for (int field = 3; field < 14 && *p; p++) {
+            if (*p == ' ') {
+                field++;
+            }
+        }
+        unsigned long long utime, stime;
+        if (sscanf(p, "%llu %llu", &utime, &stime) != 2) {
+            continue;
+        }
+        PyObject *key = PyLong_FromString(entry->d_name, NULL, 10);
+        PyObject *value = PyFloat_FromDouble((double)(utime + stime) / (double)(ticks > 0 ? ticks : 100));
+        if (key == NULL || value == NULL || PyDict_SetItem(out, key, value) < 0) {
+            Py_CLEAR(out);
+        }
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+    }
+    closedir(dir);
+    return out;
+}
+
+/* stack_signal(signum, fd) / stack_signal_off(): the GIL-held fallback's signal handler (see _gilheld).
+ * When the timer's signal reaches the loop thread, the handler writes that thread's own Python stack to
+ * fd -- with CPython's own _Py_DumpTraceback, what faulthandler.register(all_threads=False) calls -- but
+ * only if that thread holds the GIL at that instant: then no other thread can be running Python, and the
+ * frames cannot change under the walk.  Without the GIL (the loop thread is blocked in a call that released
+ * it, and the watchdog can look for itself) it writes nothing.  Safe by construction, not by timing: a
+ * signal that arrives late (a throttled container) cannot walk frames another thread is changing. */
+#include <errno.h>
+#include <signal.h>
+
+typedef void (*dump_traceback_fn)(int fd, PyThreadState *tstate);
+static dump_traceback_fn dump_traceback;
+static volatile sig_atomic_t stack_fd = -1;
+static int stack_signum;
+static struct sigaction stack_previous;
+
+static int
+holds_the_gil(PyThreadState *mine)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyThreadState *current = PyThreadState_GetUnchecked();
+#else
+    PyThreadState *current = _PyThreadState_UncheckedGet();
+#endif
+    return mine != NULL && current == mine;
+}
+
+static void
+stack_handler(int signum)
+{
+    int saved = errno;
+    int fd = stack_fd;
+    if (fd >= 0 && dump_traceback != NULL) {
+        PyThreadState *mine = PyGILState_GetThisThreadState();
+        if (holds_the_gil(mine)) {
+            dump_traceback(fd, mine);
+        }
+    }
+    errno = saved;
+}
+
+static PyObject *
+accel_stack_signal(PyObject *module, PyObject *args)
+{
+    int signum, fd;
+    if (!PyArg_ParseTuple(args, "ii", &signum, &fd)) {
+        return NULL;
+    }
+    if (dump_traceback == NULL) {
+        dump_traceback = (dump_traceback_fn)dlsym(RTLD_DEFAULT, "_Py_DumpTraceback");
+    }
+    if (dump_traceback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this interpreter does not export _Py_DumpTraceback");
+        return NULL;
+    }
+    if (stack_signum != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "a stack signal is already registered");
+        return NULL;
+    }
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = stack_handler;
+    action.sa_flags = SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    stack_fd = fd;
+    if (sigaction(signum, &action, &stack_previous) != 0) {
+        stack_fd = -1;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    stack_signum = signum;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+accel_stack_signal_off(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    stack_fd = -1;
+    if (stack_signum != 0) {
+        sigaction(stack_signum, &stack_previous, NULL);
+        stack_signum = 0;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"stack_signal", accel_stack_signal, METH_VARARGS,
+     "stack_signal(signum, fd): on signum, write this thread's stack to fd if it holds the GIL"},
+    {"stack_signal_off", accel_stack_signal_off, METH_NOARGS, "restore the signal's previous handler"},
     {"monotonic", accel_monotonic, METH_NOARGS, "CLOCK_MONOTONIC in seconds (time.monotonic())"},
+    {"thread_cpu", accel_thread_cpu, METH_NOARGS, "{tid: CPU seconds} of this process's threads, GIL held"},
     {NULL, NULL, 0, NULL},
 };
 

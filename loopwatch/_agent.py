@@ -9,6 +9,7 @@ import asyncio
 import atexit
 import dataclasses
 import os
+import ssl
 import sys
 import time
 import weakref
@@ -19,7 +20,7 @@ from typing import Any
 from . import _fork, _forksafe, _frames
 from . import _unpatched as _os
 from ._component import Component, Naming, weak
-from ._config import Options
+from ._config import Options, tls_context
 from ._dumps import Dumps, safe_reason
 from ._errors import ConfigError
 from ._executors import Executors
@@ -111,7 +112,7 @@ class Agent:
             degrade=self._degrade)
         self.exporter = MetricsEndpoint(options.metrics_addr, options.metrics_ports, options.metrics_port_text,
                                         options.registry, report=report, count=self.errors.count,
-                                        degrade=self._degrade) if options.metrics_port else None
+                                        degrade=self._degrade, tls=_tls(options)) if options.metrics_port else None
         self.watchdog = Watchdog(options=options, probes=loops, count_spike=self.lag.count_spike,
                                  writer=self.writer, guard=self.guard, slow=self.slow, build_dump=dumps.build,
                                  write_dump=dumps.write, detach=weak(self.detach), gilheld=self.fallback.for_probe,
@@ -427,6 +428,13 @@ class Agent:
                                    p.last_delay) for p in self.loops.probes)
         return AgentSnapshot(self.metrics_url, self.options.dump_dir, self.dumps.enabled,
                              tuple(self._degrade.notes), loops, pid=os.getpid())
+
+
+def _tls(options: Options) -> ssl.SSLContext | None:
+    if options.metrics_certfile is None or options.metrics_keyfile is None:
+        return None
+    return tls_context(options.metrics_certfile, options.metrics_keyfile, options.metrics_client_cafile,
+                       options.metrics_client_capath, options.metrics_client_auth_required)
 
 
 def _log_slow(event: SlowCallback) -> None:

@@ -1,6 +1,6 @@
 """The shape every feature has: a component that owns its series, its threads, its patches and its fork handling.
 
-A component is a prometheus_client ``Collector`` with four methods:
+A component is a prometheus_client ``Collector`` with these methods:
 
 * ``start()`` -- start what it runs (a thread, a socket, a file).  Idempotent: after ``after_fork()``
   it starts again what the child lacks, and does nothing for what it still has.
@@ -12,6 +12,8 @@ A component is a prometheus_client ``Collector`` with four methods:
   ``os.register_at_fork`` handler calls every registered component) and forgets it at ``stop()``.
 * ``families()`` -- its series, read at scrape time in the scraping thread; ``collect()`` wraps it so a
   scrape never fails: an exception is counted in ``errors_total{component=<component>}``.
+* ``up()`` -- whether what it runs is alive (``agent_up{part=<component>}``); None for a component that
+  runs nothing that could die.
 
 Each component is registered with the registry on its own (a name clash names the component, and a
 feature switched off with ``disable`` is simply never built).  A component never holds the agent: it

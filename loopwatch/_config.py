@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import ssl
 import re
 import sys
 import tempfile
@@ -64,6 +65,12 @@ class Options:
     native_stacks: bool = False
     accelerator: bool = True
     disable: frozenset[str] = frozenset()
+    # TLS for the exporter: prometheus_client's start_http_server parameters, with the metrics_ prefix.
+    metrics_certfile: Path | None = None
+    metrics_keyfile: Path | None = None
+    metrics_client_cafile: Path | None = None
+    metrics_client_capath: Path | None = None
+    metrics_client_auth_required: bool = False
 
     def enabled(self, feature: str) -> bool:
         """Whether ``feature`` (one of ``FEATURES``) is on: not named in ``disable``."""
@@ -208,6 +215,54 @@ def _boolean(name: str, value: Any, source: str | None) -> bool:
     raise _fail(name, source, "a boolean (true/false, 1/0, yes/no, on/off)", value)
 
 
+def _readable(name: str, value: Any, source: str | None, *, directory: bool) -> Path:
+    kind = "directory" if directory else "file"
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
+        raise _fail(name, source, f"the path of a readable {kind}", value)
+    path = Path(os.fspath(value)).expanduser()
+    if not (path.is_dir() if directory else path.is_file()) or not os.access(path, os.R_OK):
+        raise _fail(name, source, f"the path of a readable {kind}", value)
+    return path
+
+
+def _check_tls(values: dict[str, Any]) -> None:
+    """The exporter's TLS options fit together, and the certificate, key and CA load (an error names the
+    option and what is wrong, at ``install()``, not at the first scrape)."""
+    cert, key = values.get("metrics_certfile"), values.get("metrics_keyfile")
+    cafile, capath = values.get("metrics_client_cafile"), values.get("metrics_client_capath")
+    if (cert is None) != (key is None):
+        given, missing = ("metrics_certfile", "metrics_keyfile") if key is None else ("metrics_keyfile", "metrics_certfile")
+        raise ConfigError(f"{given} is set but {missing} is not: TLS for the exporter needs both (a PEM "
+                          f"certificate and its private key)")
+    if cert is None:
+        for name in ("metrics_client_cafile", "metrics_client_capath", "metrics_client_auth_required"):
+            if values.get(name):
+                raise ConfigError(f"{name} needs TLS: set metrics_certfile and metrics_keyfile too")
+        return
+    if values.get("metrics_client_auth_required") and cafile is None and capath is None:
+        raise ConfigError("metrics_client_auth_required=True needs the CA that signs the clients' certificates: "
+                          "set metrics_client_cafile or metrics_client_capath")
+    try:
+        tls_context(cert, key, cafile, capath, bool(values.get("metrics_client_auth_required")))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"metrics_certfile={str(cert)!r} / metrics_keyfile={str(key)!r} (or the client CA) do "
+                          f"not load as a PEM certificate, its private key and CA certificates: {exc}") from None
+
+
+def tls_context(certfile: Path, keyfile: Path, cafile: Path | None, capath: Path | None,
+                client_auth_required: bool) -> ssl.SSLContext:
+    """The exporter's server-side TLS context, as prometheus_client's ``start_http_server`` builds it from
+    the same parameters (TLS 1.2 or later; clients verified against the CA when one is given, and required
+    to present a certificate with ``client_auth_required``)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cafile is not None or capath is not None:
+        context.load_verify_locations(cafile, capath)
+        context.verify_mode = ssl.CERT_REQUIRED if client_auth_required else ssl.CERT_OPTIONAL
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
 def _validate(name: str, value: Any, source: str | None) -> Any:
     if name == "namespace":
         if not isinstance(value, str) or not _METRIC_NAME.match(value) or ":" in value:
@@ -243,7 +298,9 @@ def _validate(name: str, value: Any, source: str | None) -> Any:
     if name == "dump_keep":
         return _integer(name, value, source, low=0, high=100000,
                         what="an integer between 0 and 100000 (0 = no dumps)")
-    if name in ("faulthandler", "native_stacks", "accelerator"):
+    if name in ("metrics_certfile", "metrics_keyfile", "metrics_client_cafile", "metrics_client_capath"):
+        return _readable(name, value, source, directory=name == "metrics_client_capath")
+    if name in ("faulthandler", "native_stacks", "accelerator", "metrics_client_auth_required"):
         return _boolean(name, value, source)
     if name == "slow_callback_threshold":
         return _number(name, value, source, low=0.001, high=60.0, low_inclusive=True,
@@ -279,6 +336,7 @@ def resolve(explicit: Mapping[str, Any], environ: Mapping[str, str] | None = Non
         env_name = ENV_PREFIX + name.upper()
         if name != "registry" and env_name in env:
             values[name] = _validate(name, env[env_name], env_name)
+    _check_tls(values)
     off = values.get("disable", frozenset())  # wins over the feature's own options (an operator's switch)
     if "slow_callbacks" in off:
         values["slow_callback_mode"] = "off"

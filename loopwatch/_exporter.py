@@ -24,6 +24,7 @@ import errno
 import gzip
 import selectors
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -109,8 +110,9 @@ def _listen(addr: str, port: int) -> socket.socket:
 
 
 class Exporter:
-    def __init__(self, addr: str, port: int | range, registry: Any) -> None:
+    def __init__(self, addr: str, port: int | range, registry: Any, tls: ssl.SSLContext | None = None) -> None:
         self.addr = addr
+        self.tls = tls  # serve HTTPS (metrics_certfile / metrics_keyfile, see _config.tls_context)
         self.ports = range(port, port + 1) if isinstance(port, int) else port
         self._registry = registry
         self.gate = _forksafe.lock()
@@ -158,15 +160,19 @@ class Exporter:
                     except OSError:  # the client gave up already
                         continue
                     with conn:
-                        self._answer(conn, registry)
+                        self._answer(conn, registry, self.tls)
         except Exception as exc:  # noqa: BLE001 - never an unhandled exception in the host's threads
             if self._server is server and self.on_error is not None:
                 self.on_error(exc)
 
     @staticmethod
-    def _answer(conn: socket.socket, registry: Any) -> None:
+    def _answer(conn: socket.socket, registry: Any, tls: ssl.SSLContext | None = None) -> None:
         try:
             conn.settimeout(REQUEST_TIMEOUT)
+            if tls is not None:  # the handshake, within the same timeout; a failed one is the client's
+                with tls.wrap_socket(conn, server_side=True) as secure:
+                    Exporter._answer(secure, registry)  # type: ignore[arg-type]
+                return
             head = b""
             while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
                 chunk = conn.recv(4096)
@@ -196,7 +202,7 @@ class Exporter:
             host = "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{port}/metrics"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{port}/metrics"
 
     def close(self) -> None:
         server, thread, wake = self._server, self._thread, self._wake
@@ -243,8 +249,9 @@ class MetricsEndpoint(Component):
     component = "exporter"
 
     def __init__(self, addr: str, ports: range, port_text: str, registry: Any, *, report: Report,
-                 count: Callable[[str], None], degrade: Degrade) -> None:
+                 count: Callable[[str], None], degrade: Degrade, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(report=report)
+        self._tls = tls
         self._count = count
         self.addr, self.ports, self.port_text = addr, ports, port_text
         self._registry = registry
@@ -262,7 +269,7 @@ class MetricsEndpoint(Component):
     def start(self) -> None:
         if self.server is not None:
             return
-        server = Exporter(self.addr, self.ports, self._registry)
+        server = Exporter(self.addr, self.ports, self._registry, self._tls)
         server.on_error = lambda exc: self.report("exporter", exc)
         try:
             server.start()

@@ -5,12 +5,18 @@ a long garbage collection) no Python thread can run -- the watchdog included -- 
 ``sys._current_frames()``.  The watchdog therefore keeps a POSIX timer (``timer_create`` with
 ``SIGEV_THREAD_ID``) armed a little after its own next look (``FALLBACK_AFTER``): when it looks, it runs,
 so it re-arms the timer further; when it cannot, the kernel delivers a real-time signal *to the loop
-thread*, whose handler -- ``faulthandler.register(signal, all_threads=False)``, C code that needs no GIL
--- writes that thread's own Python stack into the in-flight file while the stall is still going on, and
-again every ``REPEAT`` seconds while it lasts.  After the stall the watchdog turns it into a dump.
+thread*, whose handler (``_accel.stack_signal``, C) writes that thread's own Python stack into the in-flight
+file -- with CPython's own ``_Py_DumpTraceback``, what ``faulthandler.register(all_threads=False)`` calls,
+so the format is faulthandler's -- while the stall is still going on, and again every ``REPEAT`` seconds
+while it lasts.  After the stall the watchdog turns it into a dump.
 
 **Safe by construction**: the handler walks only the frames of the thread it interrupted, from inside
-that thread, so they cannot change while it reads them; it never reads another thread's frames.
+that thread, and only if that thread holds the GIL at that instant -- so no other thread can be running
+Python and the frames cannot change while it reads them.  A signal that arrives when the loop thread does
+not hold the GIL (a throttled container made the watchdog late, and the loop thread now waits in a call
+that released it) writes nothing: the watchdog, which can run then, looks for itself.  It never depends
+on the watchdog cancelling it in time.  Without the C accelerator, or on an interpreter that does not export
+``_Py_DumpTraceback``, the fallback is off (``loopwatch.degraded``).
 (``faulthandler.dump_traceback_later``, used before, walked every thread from its own thread without the
 GIL: safe only if nothing else ran Python at that moment -- a race that crashed processes -- and it started
 a thread on every re-arm.)  Re-arming is one ``timer_settime`` call, in the watchdog thread.
@@ -26,7 +32,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import faulthandler
 import os
 import re
 import signal
@@ -41,6 +46,7 @@ import psutil
 from . import _frames
 from . import _unpatched as _os
 from ._component import Component, Degrade, Report
+from ._iteration import _accel
 from ._dumps import PREFIX
 
 INFLIGHT_PREFIX = f"{PREFIX}inflight-"
@@ -82,7 +88,9 @@ def _timer_api() -> tuple[object, object, object] | None:
         return None
     for name in (ctypes.util.find_library("c") or "libc.so.6", ctypes.util.find_library("rt") or "librt.so.1"):
         try:
-            lib = ctypes.CDLL(name, use_errno=True)
+            # PyDLL: the calls keep the GIL -- the self-test's signal, delivered as timer_settime returns,
+            # finds the thread holding it, as a stall that holds the GIL would.
+            lib = ctypes.PyDLL(name, use_errno=True)
             create, settime, delete = lib.timer_create, lib.timer_settime, lib.timer_delete
         except (OSError, AttributeError):
             continue
@@ -149,13 +157,21 @@ class GilHeldStacks:
         ``None`` if it all works, else why not (then nothing is left registered or open)."""
         if not getattr(sys, "_is_gil_enabled", lambda: True)():
             return "this interpreter runs without the GIL: no stall can hold it"
+        if _accel is None or not hasattr(_accel, "stack_signal"):
+            return "the C accelerator is not built: its signal handler is what makes the fallback safe"
         api = _timer_api()
         number = _free_signal()
-        if api is None or number is None or not hasattr(faulthandler, "register"):
+        if api is None or number is None:
             return "no POSIX timer with SIGEV_THREAD_ID or no free real-time signal on this platform"
         self._fd = _create_private(self.path)
         self._write_header()
-        faulthandler.register(number, file=self._fd, all_threads=False, chain=False)
+        try:
+            _accel.stack_signal(number, self._fd)
+        except (RuntimeError, OSError) as exc:
+            _os.close(self._fd)
+            self._fd = None
+            self.path.unlink(missing_ok=True)
+            return str(exc)
         self._api, self.signal = api, number
         why = self._self_test()
         if why is not None:
@@ -246,7 +262,8 @@ class GilHeldStacks:
         self._timer = None
         self.armed_at = None
         if self.signal is not None:
-            faulthandler.unregister(self.signal)
+            _accel.stack_signal_off()
+            self.signal = None
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
@@ -260,7 +277,7 @@ class GilHeldStacks:
         is shutting down cleanly.  Only a process killed mid-stall leaves its file behind.)"""
         self._stop_timer()
         if self.signal is not None:
-            faulthandler.unregister(self.signal)
+            _accel.stack_signal_off()
             self.signal = None
         if self._fd is None:
             return

@@ -356,3 +356,4 @@ def test_a_watched_executor_disappears_after_shutdown_and_a_process_pool_is_show
     assert [k for k in samples if ("executor", "jobs") in k[1]] == []
     assert sample(samples, f"{NS}_to_thread_executor_max_workers", executor="procs") == 2
     assert sample(samples, f"{NS}_errors_total", component="executor") == 0
+

@@ -23,6 +23,7 @@ from .http_wrk import _http_verdict, bench_http
 from .http_callgrind import _http_cg_verdict, _http_wrk_estimate, bench_http_callgrind
 from .idle import bench_idle
 from .report import render
+from .scrape import _scrape_verdict, bench_scrape
 from .wall import _wall_verdict, bench_wall
 from .workers import WORKERS, run_worker
 
@@ -37,6 +38,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                   "cg_small": 4000, "cg_large": 24000},
         "http": {"pairs": 3, "slices": 4, "seconds": 1, "warmup": 2, "connections": 16},
         "httpcg": {"warmup": 160, "load": 1600, "sparse": 300},
+        "scrape": {"seconds": 60.0, "scrapes": 60, "pause": 0.1},
     },
     "full": {
         "wall": {"pairs": 24, "rounds": 5, "tasks": 100, "steps": 2500, "chains": 20, "chain_len": 5000},
@@ -46,6 +48,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                   "cg_small": 5000, "cg_large": 25000},
         "http": {"pairs": 6, "slices": 8, "seconds": 1, "warmup": 2, "connections": 16},
         "httpcg": {"warmup": 320, "load": 4800, "sparse": 1000},
+        "scrape": {"seconds": 120.0, "scrapes": 200, "pause": 0.1},
     },
 }
 
@@ -82,7 +85,8 @@ def run_driver(args: argparse.Namespace) -> int:
                     ("hooks", lambda: bench_hooks(profile["hooks"], dump_dir, work)),
                     ("httpcg", lambda: bench_http_callgrind(profile["httpcg"], dump_dir, work)),
                     ("http", lambda: bench_http(profile["http"], dump_dir)),
-                    ("wall", lambda: bench_wall(profile["wall"], dump_dir))]
+                    ("wall", lambda: bench_wall(profile["wall"], dump_dir)),
+                    ("scrape", lambda: bench_scrape(profile["scrape"], dump_dir))]
         for name, bench in sections:
             if name in args.skip:
                 result[name] = "skipped (--skip)"
@@ -110,6 +114,7 @@ def run_driver(args: argparse.Namespace) -> int:
         "idle_cpu": None if not isinstance(idle, dict) else idle["with"]["cpu_ms_per_s"] <= TARGET_IDLE_MS,
         "http_rps": None if not isinstance(http, dict) else _http_verdict(http),
         "http_instructions": None if not isinstance(httpcg, dict) else _http_cg_verdict(httpcg, http),
+        "scrape_p95": None if not isinstance(result.get("scrape"), dict) else _scrape_verdict(result["scrape"]),
     }
     json_path = Path(args.json) if args.json else RESULTS
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +127,7 @@ def run_driver(args: argparse.Namespace) -> int:
         return 1
     verdicts = result["verdicts"]
     if args.check and (verdicts["step_ratio"] is False or verdicts["idle_cpu"] is False
-                       or verdicts["http_instructions"] is False
+                       or verdicts["http_instructions"] is False or verdicts["scrape_p95"] is False
                        or str(verdicts["wall_ratio"]).startswith("MISSED")
                        or str(verdicts["http_rps"]).startswith("MISSED")):
         return 3
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run (about four minutes)")
     parser.add_argument("--pairs", type=int, default=0, help="number of with/without wall-clock pairs")
-    parser.add_argument("--skip", action="append", default=[], choices=("wall", "callgrind", "idle", "hooks", "httpcg", "http"),
+    parser.add_argument("--skip", action="append", default=[], choices=("wall", "callgrind", "idle", "hooks", "httpcg", "http", "scrape"),
                         help="skip a figure (repeatable)")
     parser.add_argument("--json", help=f"where to write the JSON result (default {RESULTS.relative_to(REPO)})")
     parser.add_argument("--check", action="store_true",

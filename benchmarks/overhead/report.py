@@ -10,6 +10,7 @@ from .hooks import _render_hooks
 from .http_wrk import _render_http
 from .http_callgrind import _render_http_callgrind
 from .idle import _render_idle
+from .scrape import _render_scrape
 from .wall import _render_wall
 
 
@@ -70,6 +71,8 @@ def render(result: dict[str, Any]) -> str:
     _render_http(result.get("http"), add)
     add("")
     _render_http_callgrind(result.get("httpcg"), add, result.get("http"))
+    add("")
+    _render_scrape(result.get("scrape"), add)
     add(rule)
     sections = ", ".join(f"{k} {v:.0f}" for k, v in result.get("section_s", {}).items())
     add(f"total {result['elapsed_s']:.0f} s{f' ({sections})' if sections else ''}; "

@@ -11,11 +11,12 @@ from .harness import RESULT_PREFIX
 from .hooks import worker_hooks
 from .http_wrk import worker_http
 from .idle import worker_idle
+from .scrape import worker_scrape
 from .wall import worker_wall
 
 
 WORKERS = {"wall": worker_wall, "steps": worker_steps, "idle": worker_idle, "hooks": worker_hooks,
-           "http": worker_http}
+           "http": worker_http, "scrape": worker_scrape}
 
 
 def run_worker(args: argparse.Namespace) -> int:
