@@ -1100,13 +1100,48 @@ accel_thread_cpu(PyObject *module, PyObject *Py_UNUSED(ignored))
  * it, and the watchdog can look for itself) it writes nothing.  Safe by construction, not by timing: a
  * signal that arrives late (a throttled container) cannot walk frames another thread is changing. */
 #include <errno.h>
+#include <link.h>
 #include <signal.h>
+#include <ucontext.h>
 
 typedef void (*dump_traceback_fn)(int fd, PyThreadState *tstate);
 static dump_traceback_fn dump_traceback;
 static volatile sig_atomic_t stack_fd = -1;
 static int stack_signum;
 static struct sigaction stack_previous;
+/* Holding the GIL is not enough: the thread itself may be in the middle of pushing or popping a frame
+ * (an asynchronous signal lands on any instruction), and walking a half-updated frame chain crashes --
+ * faulthandler.register's handler does, at 1000 signals/s, in a few seconds.  So the stack is written only
+ * when the thread is provably parked in a C call: the interrupted instruction is outside the bytecode
+ * interpreter (_PyEval_EvalFrameDefault), and its current frame is the one it was at the previous signal
+ * (REPEAT s before): it ran no Python in between.  The first signal of a stall only takes that note. */
+static uintptr_t eval_start, eval_end;
+static void *last_frame;
+static int64_t last_signal_ns;
+
+static void *
+current_frame_of(PyThreadState *tstate)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return (void *)tstate->current_frame;
+#else
+    return tstate->cframe != NULL ? (void *)tstate->cframe->current_frame : NULL;
+#endif
+}
+
+static uintptr_t
+interrupted_pc(void *context)
+{
+    ucontext_t *uc = (ucontext_t *)context;
+#if defined(__x86_64__)
+    return (uintptr_t)uc->uc_mcontext.gregs[REG_RIP];
+#elif defined(__aarch64__)
+    return (uintptr_t)uc->uc_mcontext.pc;
+#else
+    (void)uc;
+    return 0;
+#endif
+}
 
 static int
 holds_the_gil(PyThreadState *mine)
@@ -1120,14 +1155,26 @@ holds_the_gil(PyThreadState *mine)
 }
 
 static void
-stack_handler(int signum)
+stack_handler(int signum, siginfo_t *info, void *context)
 {
     int saved = errno;
     int fd = stack_fd;
     if (fd >= 0 && dump_traceback != NULL) {
         PyThreadState *mine = PyGILState_GetThisThreadState();
         if (holds_the_gil(mine)) {
-            dump_traceback(fd, mine);
+            int64_t now = mono_ns();
+            void *frame = current_frame_of(mine);
+            uintptr_t pc = interrupted_pc(context);
+            int parked = frame != NULL && frame == last_frame && now - last_signal_ns < 400000000LL;
+            int in_eval = pc == 0 || (pc >= eval_start && pc < eval_end);
+            last_frame = frame;
+            last_signal_ns = now;
+            if (parked && !in_eval) {
+                dump_traceback(fd, mine);
+            }
+        }
+        else {
+            last_frame = NULL;
         }
     }
     errno = saved;
@@ -1147,14 +1194,32 @@ accel_stack_signal(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "this interpreter does not export _Py_DumpTraceback");
         return NULL;
     }
+    if (eval_end == 0) {
+        void *eval = dlsym(RTLD_DEFAULT, "_PyEval_EvalFrameDefault");
+        Dl_info where;
+        const ElfW(Sym) *symbol = NULL;
+        if (eval != NULL && dladdr1(eval, &where, (void **)&symbol, RTLD_DL_SYMENT) && symbol != NULL
+                && symbol->st_size > 0) {
+            eval_start = (uintptr_t)eval;
+            eval_end = eval_start + symbol->st_size;
+        }
+    }
+#if !defined(__x86_64__) && !defined(__aarch64__)
+    PyErr_SetString(PyExc_RuntimeError, "the interrupted instruction cannot be read on this architecture");
+    return NULL;
+#endif
+    if (eval_end == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the bytecode interpreter's code (_PyEval_EvalFrameDefault) cannot be located");
+        return NULL;
+    }
     if (stack_signum != 0) {
         PyErr_SetString(PyExc_RuntimeError, "a stack signal is already registered");
         return NULL;
     }
     struct sigaction action;
     memset(&action, 0, sizeof action);
-    action.sa_handler = stack_handler;
-    action.sa_flags = SA_RESTART;
+    action.sa_sigaction = stack_handler;
+    action.sa_flags = SA_RESTART | SA_SIGINFO;
     sigemptyset(&action.sa_mask);
     stack_fd = fd;
     if (sigaction(signum, &action, &stack_previous) != 0) {

@@ -368,15 +368,10 @@ class Agent:
                 self._leave_alone(loop, reason)
 
     def _on_collected(self, probe: LoopProbe) -> None:
-        """The loop was garbage-collected (weakref callback, any thread, maybe inside the GC)."""
-        if self._lock.acquire(blocking=False):
-            try:
-                with self.guard("probe"):
-                    self._detach_locked(probe)
-            finally:
-                self._lock.release()
-        else:
-            self.watchdog.poke(always=True)  # the watchdog detaches it
+        """The loop was garbage-collected (weakref callback, any thread, maybe inside the GC -- possibly in a
+        thread that holds one of loopwatch's locks, which are not reentrant): take no lock here, only wake
+        the watchdog, which detaches the probe in its own thread (one ``os.write``)."""
+        self.watchdog.poke()
 
     def _on_loop_start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.started:

@@ -179,15 +179,18 @@ class GilHeldStacks:
         return why
 
     def _self_test(self) -> str | None:
-        """A timer aimed at this thread, already due: the handler runs as timer_settime returns."""
+        """A timer aimed at this thread, already due, twice: the handler runs as timer_settime returns --
+        the first signal takes its note, the second (same frame, in a C call) writes the stack."""
         why = self.watch(threading_native_id())
         if why is not None:
             return why
-        self._settime(1e-9, 0.0)
+        settime = self._settime
+        for _ in range(2):
+            settime(1e-9, 0.0)
         written = self.has_output()
         self._stop_timer()
         self.take()
-        return None if written else "the timer's signal did not make faulthandler write a stack"
+        return None if written else "the timer's signal did not make the handler write a stack"
 
     def watch(self, native_id: int | None, ident: int | None = None) -> str | None:
         """Aim the timer at thread ``native_id`` (the owner loop's); ``None`` stops it."""

@@ -5,12 +5,14 @@ which part is alive -- a watchdog thread that keeps failing is restarted, then r
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import resource
 import socket
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,29 @@ def test_agent_up_says_each_part_is_alive_and_a_failing_watchdog_is_restarted_th
             agent.stop()
     errors = [e for e in logs if e["event"] == "loopwatch.error" and e.get("component") == "watchdog"]
     assert any("stopped" in str(e.get("error")) for e in errors), errors
+
+
+def test_a_loop_collected_in_a_thread_that_holds_a_loopwatch_lock_does_not_deadlock(tmp_path: Path) -> None:
+    """The weakref callback of a collected loop runs wherever the collection happens -- here, in a thread
+    that holds one of loopwatch's (non-reentrant) locks.  It takes none: the watchdog detaches the loop."""
+    agent = loopwatch.install(registry=CollectorRegistry(), metrics_port=0, dump_dir=tmp_path)
+    try:
+        def worker() -> None:
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(asyncio.sleep(0))  # watched: the hooks attached it
+            assert [p.label for p in agent.loops()] == ["worker"]
+            with agent.lag.delay._lock, agent.errors.errors._lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)  # "unclosed event loop": on purpose
+                del loop  # an unclosed loop is in a reference cycle (its self-pipe's handle): freed by the
+                gc.collect()  # collector -- here, in this thread, which holds those locks
+
+        thread = threading.Thread(target=worker, name="worker")
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "deadlocked in the weakref callback"
+        deadline = time.monotonic() + 10
+        while agent.loops() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.loops() == ()  # detached by the watchdog, in its own thread
+    finally:
+        loopwatch.uninstall()
