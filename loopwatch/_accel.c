@@ -1092,42 +1092,26 @@ accel_thread_cpu(PyObject *module, PyObject *Py_UNUSED(ignored))
     return out;
 }
 
-/* stack_signal(signum, fd) / stack_signal_off(): the GIL-held fallback's signal handler (see _gilheld).
- * When the timer's signal reaches the loop thread, the handler writes that thread's own Python stack to
- * fd -- with CPython's own _Py_DumpTraceback, what faulthandler.register(all_threads=False) calls -- but
- * only if that thread holds the GIL at that instant: then no other thread can be running Python, and the
- * frames cannot change under the walk.  Without the GIL (the loop thread is blocked in a call that released
- * it, and the watchdog can look for itself) it writes nothing.  Safe by construction, not by timing: a
- * signal that arrives late (a throttled container) cannot walk frames another thread is changing. */
+/* stack_signal(signum) / stack_signal_off(): a gate in front of faulthandler's handler for the GIL-held
+ * fallback's signal (see _gilheld).  faulthandler.register(signum, all_threads=False) writes the
+ * interrupted thread's own Python stack; this gate lets it run only when that is safe: the thread holds
+ * the GIL at that instant (no other thread can be running Python), and it is in a C call, not in the
+ * bytecode interpreter (see below).  Otherwise the signal does nothing.  Safe by construction, not by timing: a signal that
+ * arrives late (a throttled container) cannot walk frames that are changing. */
 #include <errno.h>
 #include <link.h>
 #include <signal.h>
 #include <ucontext.h>
 
-typedef void (*dump_traceback_fn)(int fd, PyThreadState *tstate);
-static dump_traceback_fn dump_traceback;
-static volatile sig_atomic_t stack_fd = -1;
+static volatile sig_atomic_t stack_on;
 static int stack_signum;
 static struct sigaction stack_previous;
 /* Holding the GIL is not enough: the thread itself may be in the middle of pushing or popping a frame
  * (an asynchronous signal lands on any instruction), and walking a half-updated frame chain crashes --
- * faulthandler.register's handler does, at 1000 signals/s, in a few seconds.  So the stack is written only
- * when the thread is provably parked in a C call: the interrupted instruction is outside the bytecode
- * interpreter (_PyEval_EvalFrameDefault), and its current frame is the one it was at the previous signal
- * (REPEAT s before): it ran no Python in between.  The first signal of a stall only takes that note. */
+ * faulthandler.register's handler alone does, at 1000 signals/s, within seconds.  So the stack is written
+ * only when the interrupted instruction is outside the bytecode interpreter (_PyEval_EvalFrameDefault):
+ * the thread is in a C call (a regex, json.dumps, a garbage collection), made from a complete frame. */
 static uintptr_t eval_start, eval_end;
-static void *last_frame;
-static int64_t last_signal_ns;
-
-static void *
-current_frame_of(PyThreadState *tstate)
-{
-#if PY_VERSION_HEX >= 0x030D0000
-    return (void *)tstate->current_frame;
-#else
-    return tstate->cframe != NULL ? (void *)tstate->cframe->current_frame : NULL;
-#endif
-}
 
 static uintptr_t
 interrupted_pc(void *context)
@@ -1158,23 +1142,18 @@ static void
 stack_handler(int signum, siginfo_t *info, void *context)
 {
     int saved = errno;
-    int fd = stack_fd;
-    if (fd >= 0 && dump_traceback != NULL) {
+    if (stack_on) {
         PyThreadState *mine = PyGILState_GetThisThreadState();
         if (holds_the_gil(mine)) {
-            int64_t now = mono_ns();
-            void *frame = current_frame_of(mine);
             uintptr_t pc = interrupted_pc(context);
-            int parked = frame != NULL && frame == last_frame && now - last_signal_ns < 400000000LL;
-            int in_eval = pc == 0 || (pc >= eval_start && pc < eval_end);
-            last_frame = frame;
-            last_signal_ns = now;
-            if (parked && !in_eval) {
-                dump_traceback(fd, mine);
+            if (pc != 0 && (pc < eval_start || pc >= eval_end)) {  /* faulthandler's own handler writes it */
+                if (stack_previous.sa_flags & SA_SIGINFO) {
+                    stack_previous.sa_sigaction(signum, info, context);
+                }
+                else if (stack_previous.sa_handler != SIG_DFL && stack_previous.sa_handler != SIG_IGN) {
+                    stack_previous.sa_handler(signum);
+                }
             }
-        }
-        else {
-            last_frame = NULL;
         }
     }
     errno = saved;
@@ -1183,15 +1162,8 @@ stack_handler(int signum, siginfo_t *info, void *context)
 static PyObject *
 accel_stack_signal(PyObject *module, PyObject *args)
 {
-    int signum, fd;
-    if (!PyArg_ParseTuple(args, "ii", &signum, &fd)) {
-        return NULL;
-    }
-    if (dump_traceback == NULL) {
-        dump_traceback = (dump_traceback_fn)dlsym(RTLD_DEFAULT, "_Py_DumpTraceback");
-    }
-    if (dump_traceback == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "this interpreter does not export _Py_DumpTraceback");
+    int signum;
+    if (!PyArg_ParseTuple(args, "i", &signum)) {
         return NULL;
     }
     if (eval_end == 0) {
@@ -1221,19 +1193,18 @@ accel_stack_signal(PyObject *module, PyObject *args)
     action.sa_sigaction = stack_handler;
     action.sa_flags = SA_RESTART | SA_SIGINFO;
     sigemptyset(&action.sa_mask);
-    stack_fd = fd;
     if (sigaction(signum, &action, &stack_previous) != 0) {
-        stack_fd = -1;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     stack_signum = signum;
+    stack_on = 1;
     Py_RETURN_NONE;
 }
 
 static PyObject *
 accel_stack_signal_off(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
-    stack_fd = -1;
+    stack_on = 0;
     if (stack_signum != 0) {
         sigaction(stack_signum, &stack_previous, NULL);
         stack_signum = 0;
@@ -1243,7 +1214,7 @@ accel_stack_signal_off(PyObject *module, PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef module_methods[] = {
     {"stack_signal", accel_stack_signal, METH_VARARGS,
-     "stack_signal(signum, fd): on signum, write this thread's stack to fd if it holds the GIL"},
+     "stack_signal(signum): gate signum's handler (faulthandler's): it runs only if this thread is parked in a C call holding the GIL"},
     {"stack_signal_off", accel_stack_signal_off, METH_NOARGS, "restore the signal's previous handler"},
     {"monotonic", accel_monotonic, METH_NOARGS, "CLOCK_MONOTONIC in seconds (time.monotonic())"},
     {"thread_cpu", accel_thread_cpu, METH_NOARGS, "{tid: CPU seconds} of this process's threads, GIL held"},

@@ -5,18 +5,19 @@ a long garbage collection) no Python thread can run -- the watchdog included -- 
 ``sys._current_frames()``.  The watchdog therefore keeps a POSIX timer (``timer_create`` with
 ``SIGEV_THREAD_ID``) armed a little after its own next look (``FALLBACK_AFTER``): when it looks, it runs,
 so it re-arms the timer further; when it cannot, the kernel delivers a real-time signal *to the loop
-thread*, whose handler (``_accel.stack_signal``, C) writes that thread's own Python stack into the in-flight
-file -- with CPython's own ``_Py_DumpTraceback``, what ``faulthandler.register(all_threads=False)`` calls,
-so the format is faulthandler's -- while the stall is still going on, and again every ``REPEAT`` seconds
-while it lasts.  After the stall the watchdog turns it into a dump.
+thread*, whose handler -- ``faulthandler.register(signal, all_threads=False)``, behind a gate in C
+(``_accel.stack_signal``) -- writes that thread's own Python stack into the in-flight file while the stall is
+still going on, and again every ``REPEAT`` seconds while it lasts.  After the stall the watchdog turns it into a dump.
 
 **Safe by construction**: the handler walks only the frames of the thread it interrupted, from inside
 that thread, and only if that thread holds the GIL at that instant -- so no other thread can be running
 Python and the frames cannot change while it reads them.  A signal that arrives when the loop thread does
 not hold the GIL (a throttled container made the watchdog late, and the loop thread now waits in a call
 that released it) writes nothing: the watchdog, which can run then, looks for itself.  It never depends
-on the watchdog cancelling it in time.  Without the C accelerator, or on an interpreter that does not export
-``_Py_DumpTraceback``, the fallback is off (``loopwatch.degraded``).
+on the watchdog cancelling it in time.  The gate also lets it run only when the interrupted instruction is outside the
+bytecode interpreter -- the thread is in a C call, made from a complete frame: faulthandler's walk crashes
+if the signal lands while the thread itself pushes or pops a frame.  Without the C accelerator the fallback is off
+(``loopwatch.degraded``).
 (``faulthandler.dump_traceback_later``, used before, walked every thread from its own thread without the
 GIL: safe only if nothing else ran Python at that moment -- a race that crashed processes -- and it started
 a thread on every re-arm.)  Re-arming is one ``timer_settime`` call, in the watchdog thread.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import faulthandler
 import os
 import re
 import signal
@@ -165,9 +167,11 @@ class GilHeldStacks:
             return "no POSIX timer with SIGEV_THREAD_ID or no free real-time signal on this platform"
         self._fd = _create_private(self.path)
         self._write_header()
+        faulthandler.register(number, file=self._fd, all_threads=False, chain=False)
         try:
-            _accel.stack_signal(number, self._fd)
+            _accel.stack_signal(number)  # the gate, in front of faulthandler's handler
         except (RuntimeError, OSError) as exc:
+            faulthandler.unregister(number)
             _os.close(self._fd)
             self._fd = None
             self.path.unlink(missing_ok=True)
@@ -179,14 +183,12 @@ class GilHeldStacks:
         return why
 
     def _self_test(self) -> str | None:
-        """A timer aimed at this thread, already due, twice: the handler runs as timer_settime returns --
-        the first signal takes its note, the second (same frame, in a C call) writes the stack."""
+        """A timer aimed at this thread, already due: the handler runs as timer_settime returns (a C call,
+        holding the GIL: the gate lets it write)."""
         why = self.watch(threading_native_id())
         if why is not None:
             return why
-        settime = self._settime
-        for _ in range(2):
-            settime(1e-9, 0.0)
+        self._settime(1e-9, 0.0)
         written = self.has_output()
         self._stop_timer()
         self.take()
@@ -266,6 +268,7 @@ class GilHeldStacks:
         self.armed_at = None
         if self.signal is not None:
             _accel.stack_signal_off()
+            faulthandler.unregister(self.signal)
             self.signal = None
         fd, self._fd = self._fd, None
         if fd is not None:
@@ -281,6 +284,7 @@ class GilHeldStacks:
         self._stop_timer()
         if self.signal is not None:
             _accel.stack_signal_off()
+            faulthandler.unregister(self.signal)
             self.signal = None
         if self._fd is None:
             return
