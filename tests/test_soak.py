@@ -52,7 +52,10 @@ def test_churn_creates_no_new_series_no_errors_and_no_memory_growth(app_runner, 
     assert len(threads) <= 21, sorted(threads)
     assert loops <= {"main", "loop-thread-N", "loop-thread-N-2", "loop-thread-N-3"}, loops
     distinct_at_warm_up = next(total for elapsed, _, total in counts if elapsed >= warm_up)
-    assert counts[-1][2] <= distinct_at_warm_up + 10, (distinct_at_warm_up, counts[-1])  # flat after warm-up
+    # Flat after warm-up: what may still appear is bounded -- a second live loop in the numbered threads
+    # ("loop-thread-N-2") brings its ~25 series at once, a new kind of thread one (up to 21).  Per-thread
+    # series added hundreds a minute (648 thread label sets in 60 s before).
+    assert counts[-1][2] <= distinct_at_warm_up + 60, (distinct_at_warm_up, counts[-1])
     assert len(counts) > SECONDS / SCRAPE_EVERY / 3, "the scrapes kept up"
     errors = {dict(labels)["component"]: v for (name, labels), v in last.items() if name == "loopwatch_errors_total"}
     assert errors and not any(errors.values()), errors
