@@ -1092,6 +1092,250 @@ accel_thread_cpu(PyObject *module, PyObject *Py_UNUSED(ignored))
     return out;
 }
 
+/* The exporter's I/O, GIL held (see _exporter): under GIL contention every system call that releases the
+ * GIL costs a wait to get it back -- up to a switch interval per busy thread -- so a scrape of a busy
+ * service would take hundreds of milliseconds.  These calls never block (the descriptors are
+ * non-blocking; /proc files are in memory): the caller waits in poll() -- releasing the GIL -- only when
+ * one says it would block.
+ *
+ * read_file(path, limit): the first `limit` bytes of a file (a /proc file: prometheus_client's process
+ * metrics).  count_dir(path): the entries of a directory, "." and ".." aside (/proc/self/fd). */
+#include <sys/socket.h>
+
+static PyObject *
+accel_read_file(PyObject *module, PyObject *args)
+{
+    const char *path;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "sn:read_file", &path, &limit)) {
+        return NULL;
+    }
+    if (limit < 0 || limit > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "read_file: limit must be 0..1 MiB");
+        return NULL;
+    }
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, limit);
+    Py_ssize_t got = 0;
+    while (out != NULL && got < limit) {
+        ssize_t n = read(fd, PyBytes_AS_STRING(out) + got, (size_t)(limit - got));
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+            Py_CLEAR(out);
+            break;
+        }
+        if (n == 0) {
+            break;
+        }
+        got += n;
+    }
+    close(fd);
+    if (out != NULL && _PyBytes_Resize(&out, got) < 0) {
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+accel_count_dir(PyObject *module, PyObject *args)
+{
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s:count_dir", &path)) {
+        return NULL;
+    }
+    DIR *dir = opendir(path);
+    if (dir == NULL) {
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    long count = 0;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+        if (strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, "..") != 0) {
+            count++;
+        }
+    }
+    closedir(dir);
+    return PyLong_FromLong(count);
+}
+
+/* accept(fd): a connection's descriptor (non-blocking, close-on-exec), or None if none is pending.
+ * recv(fd, n): up to n bytes; b"" at the end; None if nothing has arrived yet.
+ * send(fd, data): how many bytes were sent; 0 if the socket's buffer is full.  close(fd). */
+static PyObject *
+accel_accept(PyObject *module, PyObject *arg)
+{
+    int fd = PyObject_AsFileDescriptor(arg);
+    if (fd < 0) {
+        return NULL;
+    }
+    int conn;
+    do {
+        conn = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    } while (conn < 0 && errno == EINTR);
+    if (conn < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNABORTED) {
+            Py_RETURN_NONE;
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(conn);
+}
+
+static PyObject *
+accel_recv(PyObject *module, PyObject *args)
+{
+    int fd;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "in:recv", &fd, &size)) {
+        return NULL;
+    }
+    if (size <= 0 || size > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "recv: size must be 1..1 MiB");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL) {
+        return NULL;
+    }
+    ssize_t n;
+    do {
+        n = recv(fd, PyBytes_AS_STRING(out), (size_t)size, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        Py_DECREF(out);
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            Py_RETURN_NONE;
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (_PyBytes_Resize(&out, n) < 0) {
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+accel_send(PyObject *module, PyObject *args)
+{
+    int fd;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "iy*:send", &fd, &data)) {
+        return NULL;
+    }
+    ssize_t n;
+    do {
+        n = send(fd, data.buf, (size_t)data.len, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    PyBuffer_Release(&data);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return PyLong_FromLong(0);
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(n);
+}
+
+static PyObject *
+accel_close(PyObject *module, PyObject *arg)
+{
+    int fd = PyObject_AsFileDescriptor(arg);
+    if (fd < 0) {
+        return NULL;
+    }
+    close(fd);  /* no retry on EINTR: on Linux the descriptor is released either way */
+    Py_RETURN_NONE;
+}
+
+/* gzip(data, level): data compressed in gzip format (what gzip.compress gives), GIL held -- zlib's own
+ * functions, found with dlsym in the libz.so.1 that Python's zlib module loads (no link-time dependency:
+ * only the header is needed to build).  The exporter uses it for bodies small enough to compress in a
+ * few milliseconds; without <zlib.h> there is no gzip() and gzip.compress (which releases the GIL) is used. */
+#if defined(__has_include)
+#if __has_include(<zlib.h>)
+#include <dlfcn.h>
+#include <zlib.h>
+#define LW_ZLIB 1
+#endif
+#endif
+
+#ifdef LW_ZLIB
+static struct {
+    int (*init)(z_streamp, int, int, int, int, int, const char *, int);
+    int (*deflate)(z_streamp, int);
+    int (*end)(z_streamp);
+    uLong (*bound)(z_streamp, uLong);
+    int state;  /* 0 not tried, 1 loaded, -1 not loadable */
+} zfn;
+
+static int
+zlib_loaded(void)
+{
+    if (zfn.state == 0) {
+        void *lib = dlopen("libz.so.1", RTLD_NOW | RTLD_LOCAL);
+        zfn.state = -1;
+        if (lib != NULL) {
+            *(void **)&zfn.init = dlsym(lib, "deflateInit2_");
+            *(void **)&zfn.deflate = dlsym(lib, "deflate");
+            *(void **)&zfn.end = dlsym(lib, "deflateEnd");
+            *(void **)&zfn.bound = dlsym(lib, "deflateBound");
+            if (zfn.init && zfn.deflate && zfn.end && zfn.bound) {
+                zfn.state = 1;
+            }
+        }
+    }
+    return zfn.state == 1;
+}
+
+static PyObject *
+accel_gzip(PyObject *module, PyObject *args)
+{
+    Py_buffer data;
+    int level;
+    if (!PyArg_ParseTuple(args, "y*i:gzip", &data, &level)) {
+        return NULL;
+    }
+    PyObject *out = NULL;
+    z_stream zs;
+    memset(&zs, 0, sizeof zs);
+    if (!zlib_loaded()) {
+        PyErr_SetString(PyExc_OSError, "gzip: libz.so.1 cannot be loaded");
+    }
+    else if ((uLong)data.len != (size_t)data.len || data.len > (1 << 30)) {
+        PyErr_SetString(PyExc_ValueError, "gzip: data too large");
+    }
+    else if (zfn.init(&zs, level, Z_DEFLATED, 31, 8, Z_DEFAULT_STRATEGY, ZLIB_VERSION, (int)sizeof zs) != Z_OK) {
+        PyErr_SetString(PyExc_OSError, "gzip: deflateInit2 failed");
+    }
+    else {
+        uLong capacity = zfn.bound(&zs, (uLong)data.len) + 64;
+        out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)capacity);
+        if (out != NULL) {
+            zs.next_in = (Bytef *)data.buf;
+            zs.avail_in = (uInt)data.len;
+            zs.next_out = (Bytef *)PyBytes_AS_STRING(out);
+            zs.avail_out = (uInt)capacity;
+            if (zfn.deflate(&zs, Z_FINISH) != Z_STREAM_END) {
+                PyErr_SetString(PyExc_OSError, "gzip: deflate did not finish");
+                Py_CLEAR(out);
+            }
+            else if (_PyBytes_Resize(&out, (Py_ssize_t)zs.total_out) < 0) {
+                out = NULL;
+            }
+        }
+        zfn.end(&zs);
+    }
+    PyBuffer_Release(&data);
+    return out;
+}
+#endif
+
 /* stack_signal(signum) / stack_signal_off(): a gate in front of faulthandler's handler for the GIL-held
  * fallback's signal (see _gilheld).  faulthandler.register(signum, all_threads=False) writes the
  * interrupted thread's own Python stack; this gate lets it run only when that is safe: the thread holds
@@ -1218,6 +1462,15 @@ static PyMethodDef module_methods[] = {
     {"stack_signal_off", accel_stack_signal_off, METH_NOARGS, "restore the signal's previous handler"},
     {"monotonic", accel_monotonic, METH_NOARGS, "CLOCK_MONOTONIC in seconds (time.monotonic())"},
     {"thread_cpu", accel_thread_cpu, METH_NOARGS, "{tid: CPU seconds} of this process's threads, GIL held"},
+    {"read_file", accel_read_file, METH_VARARGS, "read_file(path, limit): a file's first bytes, GIL held"},
+    {"count_dir", accel_count_dir, METH_VARARGS, "count_dir(path): a directory's entries, GIL held"},
+    {"accept", accel_accept, METH_O, "accept(fd): a non-blocking connection's fd, or None; GIL held"},
+    {"recv", accel_recv, METH_VARARGS, "recv(fd, n): bytes, b'' at the end, None if none yet; GIL held"},
+    {"send", accel_send, METH_VARARGS, "send(fd, data): bytes sent, 0 if the buffer is full; GIL held"},
+    {"close", accel_close, METH_O, "close(fd), GIL held"},
+#ifdef LW_ZLIB
+    {"gzip", accel_gzip, METH_VARARGS, "gzip(data, level): gzip-compressed data, GIL held"},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
