@@ -1347,9 +1347,93 @@ accel_gzip(PyObject *module, PyObject *args)
 #include <signal.h>
 #include <ucontext.h>
 
+#include <pthread.h>
+#include <setjmp.h>
+
 static volatile sig_atomic_t stack_on;
 static int stack_signum;
 static struct sigaction stack_previous;
+
+/* The memory-fault guard.  The instruction check below cannot see every moment at which the frame chain is
+ * being changed: a frame is cleared and popped by helpers outside the interpreter function, and clearing it
+ * runs deallocators -- arbitrary C.  A walk that starts then reads memory that is being freed.  So the walk
+ * runs under a SIGSEGV/SIGBUS handler of ours: a fault inside the walk jumps back out of it (the stack
+ * written so far is kept, truncated; `stack_faults` counts it); any other fault goes to the handler that
+ * was there before (faulthandler's, the default action).  Only one walk can be in progress: the walking
+ * thread holds the GIL. */
+static struct sigaction guard_previous_segv, guard_previous_bus;
+static int guard_installed;
+static volatile sig_atomic_t walking;
+static pthread_t walking_thread;
+static sigjmp_buf walk_env;
+static volatile sig_atomic_t stack_faults, stack_refused;
+
+static void
+guard_handler(int signum, siginfo_t *info, void *context)
+{
+    if (walking && pthread_equal(walking_thread, pthread_self())) {
+        walking = 0;
+        stack_faults++;
+        siglongjmp(walk_env, 1);
+    }
+    struct sigaction *previous = signum == SIGBUS ? &guard_previous_bus : &guard_previous_segv;
+    if (previous->sa_flags & SA_SIGINFO) {
+        previous->sa_sigaction(signum, info, context);
+    }
+    else if (previous->sa_handler == SIG_DFL) {  /* the default action, as if we had never been there */
+        sigaction(signum, previous, NULL);
+        raise(signum);
+    }
+    else if (previous->sa_handler != SIG_IGN) {
+        previous->sa_handler(signum);
+    }
+}
+
+static int
+guard_on_top(int signum)
+{
+    struct sigaction current;
+    return sigaction(signum, NULL, &current) == 0 && (current.sa_flags & SA_SIGINFO)
+        && current.sa_sigaction == guard_handler;
+}
+
+static int
+guard_install(void)
+{
+    if (guard_installed) {
+        return 0;
+    }
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_sigaction = guard_handler;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&action.sa_mask);
+    if (sigaction(SIGSEGV, &action, &guard_previous_segv) != 0) {
+        return -1;
+    }
+    if (sigaction(SIGBUS, &action, &guard_previous_bus) != 0) {
+        sigaction(SIGSEGV, &guard_previous_segv, NULL);
+        return -1;
+    }
+    guard_installed = 1;
+    return 0;
+}
+
+static void
+guard_remove(void)
+{
+    /* Put the previous handlers back only where ours is still on top: a handler installed after ours
+     * (which may chain to ours: guard_handler then just passes the fault on) is left alone. */
+    if (guard_installed) {
+        if (guard_on_top(SIGSEGV)) {
+            sigaction(SIGSEGV, &guard_previous_segv, NULL);
+        }
+        if (guard_on_top(SIGBUS)) {
+            sigaction(SIGBUS, &guard_previous_bus, NULL);
+        }
+        guard_installed = 0;
+    }
+}
 /* Holding the GIL is not enough: the thread itself may be in the middle of pushing or popping a frame
  * (an asynchronous signal lands on any instruction), and walking a half-updated frame chain crashes --
  * faulthandler.register's handler alone does, at 1000 signals/s, within seconds.  So the stack is written
@@ -1391,11 +1475,19 @@ stack_handler(int signum, siginfo_t *info, void *context)
         if (holds_the_gil(mine)) {
             uintptr_t pc = interrupted_pc(context);
             if (pc != 0 && (pc < eval_start || pc >= eval_end)) {  /* faulthandler's own handler writes it */
-                if (stack_previous.sa_flags & SA_SIGINFO) {
-                    stack_previous.sa_sigaction(signum, info, context);
+                if (!guard_on_top(SIGSEGV) || !guard_on_top(SIGBUS)) {
+                    stack_refused++;  /* someone replaced the guard: no walk without it */
                 }
-                else if (stack_previous.sa_handler != SIG_DFL && stack_previous.sa_handler != SIG_IGN) {
-                    stack_previous.sa_handler(signum);
+                else if (sigsetjmp(walk_env, 1) == 0) {
+                    walking_thread = pthread_self();
+                    walking = 1;
+                    if (stack_previous.sa_flags & SA_SIGINFO) {
+                        stack_previous.sa_sigaction(signum, info, context);
+                    }
+                    else if (stack_previous.sa_handler != SIG_DFL && stack_previous.sa_handler != SIG_IGN) {
+                        stack_previous.sa_handler(signum);
+                    }
+                    walking = 0;
                 }
             }
         }
@@ -1432,13 +1524,18 @@ accel_stack_signal(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "a stack signal is already registered");
         return NULL;
     }
+    if (guard_install() != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_sigaction = stack_handler;
     action.sa_flags = SA_RESTART | SA_SIGINFO;
     sigemptyset(&action.sa_mask);
     if (sigaction(signum, &action, &stack_previous) != 0) {
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyObject *error = PyErr_SetFromErrno(PyExc_OSError);
+        guard_remove();
+        return error;
     }
     stack_signum = signum;
     stack_on = 1;
@@ -1453,13 +1550,49 @@ accel_stack_signal_off(PyObject *module, PyObject *Py_UNUSED(ignored))
         sigaction(stack_signum, &stack_previous, NULL);
         stack_signum = 0;
     }
+    guard_remove();
     Py_RETURN_NONE;
+}
+
+/* stack_guard(): (guard installed and on top for SIGSEGV and SIGBUS, walks cut short by a fault, walks
+ * refused because another handler replaced the guard).  stack_guard_probe(): a walk that faults on purpose
+ * (reads address 8) under the guard, as the signal handler runs one; True if the guard caught it. */
+static PyObject *
+accel_stack_guard(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    int on_top = guard_installed && guard_on_top(SIGSEGV) && guard_on_top(SIGBUS);
+    return Py_BuildValue("(Nii)", PyBool_FromLong(on_top), (int)stack_faults, (int)stack_refused);
+}
+
+static PyObject *
+accel_stack_guard_probe(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    if (!guard_installed || !guard_on_top(SIGSEGV)) {
+        PyErr_SetString(PyExc_RuntimeError, "the guard is not installed");
+        return NULL;
+    }
+    volatile int caught = 0;
+    if (sigsetjmp(walk_env, 1) == 0) {
+        walking_thread = pthread_self();
+        walking = 1;
+        volatile int *bad = (volatile int *)(uintptr_t)8;
+        caught = *bad;  /* faults: the guard jumps back here with 1 */
+        walking = 0;
+        caught = 0;
+    }
+    else {
+        caught = 1;
+        stack_faults--;  /* the probe's own fault is not a walk's */
+    }
+    return PyBool_FromLong(caught);
 }
 
 static PyMethodDef module_methods[] = {
     {"stack_signal", accel_stack_signal, METH_VARARGS,
      "stack_signal(signum): gate signum's handler (faulthandler's): it runs only if this thread is parked in a C call holding the GIL"},
     {"stack_signal_off", accel_stack_signal_off, METH_NOARGS, "restore the signal's previous handler"},
+    {"stack_guard", accel_stack_guard, METH_NOARGS, "(guard on top, walks cut short by a fault, walks refused)"},
+    {"stack_guard_probe", accel_stack_guard_probe, METH_NOARGS, "fault on purpose under the guard: True if caught"},
     {"monotonic", accel_monotonic, METH_NOARGS, "CLOCK_MONOTONIC in seconds (time.monotonic())"},
     {"thread_cpu", accel_thread_cpu, METH_NOARGS, "{tid: CPU seconds} of this process's threads, GIL held"},
     {"read_file", accel_read_file, METH_VARARGS, "read_file(path, limit): a file's first bytes, GIL held"},

@@ -85,10 +85,21 @@ class _Sigevent(ctypes.Structure):  # glibc's struct sigevent, 64 bytes; the uni
                 ("tid", ctypes.c_int), ("_pad", ctypes.c_int * 11)]
 
 
+def _libraries() -> Iterator[str]:
+    yield "libc.so.6"  # glibc >= 2.34 has the timer_* functions
+    yield "librt.so.1"  # older glibc
+    for short in ("c", "rt"):
+        found = ctypes.util.find_library(short)
+        if found:
+            yield found
+
+
 def _timer_api() -> tuple[object, object, object] | None:
     if not sys.platform.startswith("linux"):
         return None
-    for name in (ctypes.util.find_library("c") or "libc.so.6", ctypes.util.find_library("rt") or "librt.so.1"):
+    # The sonames first: ctypes.util.find_library runs `ldconfig -p` (a fork and exec in the host, ~3 ms) and
+    # is asked only if neither loads (a libc with another soname).
+    for name in _libraries():
         try:
             # PyDLL: the calls keep the GIL -- the self-test's signal, delivered as timer_settime returns,
             # finds the thread holding it, as a stall that holds the GIL would.
@@ -260,6 +271,14 @@ class GilHeldStacks:
         data = _os.pread(self._fd, size, 0)  # through our own descriptor: works if dump_dir was removed
         self._write_header()
         return split_stacks(data[self._header_len:].decode("utf-8", "replace"))
+
+    def unguarded(self) -> str | None:
+        """Why no stack can be written now although the handler is registered, or ``None``."""
+        if self.signal is None or _accel is None or _accel.stack_guard()[0]:
+            return None
+        return ("the GIL-held fallback's memory-fault guard was replaced by another SIGSEGV/SIGBUS handler "
+                "installed after loopwatch (faulthandler.enable() after install()?): stacks are not walked "
+                "without it")
 
     def forget(self) -> None:
         """In a forked child: the timer did not cross ``fork()``; unregister the handler (it would write to

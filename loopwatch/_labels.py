@@ -1,9 +1,12 @@
 """Bounded label values for series whose labels come from runtime data (callbacks, exceptions, threads).
 
-A label drawn from runtime data could grow without limit; :class:`TopN` keeps exact counts for a bounded
-number of keys, exports the ``n`` largest under their own label value and folds everything else into
-``other`` (whose value is the total minus the exported ones, so the exported values still add up to
-the total).  Keys not updated for ``forget_after`` seconds are dropped first when the table is full.
+A label drawn from runtime data could grow without limit.  :class:`Slots` gives the first ``n`` keys seen
+their own series and adds every later key to ``other``.  Slots are sticky: a key keeps its series while it
+is being counted, so no series is created and dropped from one scrape to the next, and every exported
+counter only grows (a ranking by count would move keys in and out of the top, and ``other`` would go down
+when one moved in -- a counter reset for Prometheus).  A key not counted for ``retire_after`` seconds (an
+hour) gives its slot to the next new key; its count moves into ``other``, so the exported values still add
+up to the total and ``other`` still only grows.
 """
 
 from __future__ import annotations
@@ -26,17 +29,17 @@ def name_pattern(name: str, limit: int = 64) -> str:
     return _SPACES.sub("_", _DIGITS.sub("N", name.strip()))[:limit] or "unnamed"
 
 
-class TopN:
-    def __init__(self, n: int = 20, *, track: int = 500, forget_after: float = 3600.0,
+class Slots:
+    def __init__(self, n: int = 20, *, retire_after: float = 3600.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if n < 1 or track < n:
-            raise ValueError(f"need 1 <= n <= track, got n={n}, track={track}")
+        if n < 1 or not retire_after > 0:
+            raise ValueError(f"need n >= 1 and retire_after > 0, got n={n}, retire_after={retire_after}")
         self.n = n
-        self.track = track
-        self.forget_after = forget_after
+        self.retire_after = retire_after
         self._clock = clock
-        self._counts: dict[str, float] = {}
-        self._seen: dict[str, float] = {}
+        self._counts: dict[str, float] = {}  # key -> count since it got its slot
+        self._last: dict[str, float] = {}  # key -> when it was last counted
+        self._other = 0.0
         self._total = 0.0
         self._lock = _forksafe.lock()
 
@@ -44,34 +47,28 @@ class TopN:
         with self._lock:
             now = self._clock()
             self._total += amount
-            if key not in self._counts and len(self._counts) >= self.track:
-                self._evict(now)
-                if len(self._counts) >= self.track:
-                    return  # counted in the total, so in ``other``
+            if key not in self._counts and len(self._counts) >= self.n and not self._retire(now):
+                self._other += amount
+                return
             self._counts[key] = self._counts.get(key, 0.0) + amount
-            self._seen[key] = now
+            self._last[key] = now
 
-    def _evict(self, now: float) -> None:
-        stale = [k for k, seen in self._seen.items() if now - seen > self.forget_after]
-        if not stale:  # drop the smallest quarter instead
-            stale = sorted(self._counts, key=self._counts.__getitem__)[: max(1, self.track // 4)]
-        top = set(self._top())
-        for key in stale:
-            if key not in top:
-                del self._counts[key]
-                del self._seen[key]
-
-    def _top(self) -> list[str]:
-        return sorted(self._counts, key=lambda k: (-self._counts[k], k))[: self.n]
+    def _retire(self, now: float) -> bool:
+        """Free the slot of the key idle longest, if it has been idle ``retire_after`` seconds."""
+        idle = min(self._last, key=self._last.__getitem__)
+        if now - self._last[idle] < self.retire_after:
+            return False
+        self._other += self._counts.pop(idle)
+        del self._last[idle]
+        return True
 
     def items(self) -> list[tuple[str, float]]:
-        """``[(label value, count), ...]``: the top ``n`` keys, then ``other`` if anything is folded."""
+        """``[(label value, count), ...]``: every key with a slot, then ``other`` once anything was added to it."""
         with self._lock:
-            top = self._top()
-            values = [(key, self._counts[key]) for key in top]
-            rest = self._total - sum(v for _, v in values)
-        if rest > 1e-9 or len(self._counts) > len(top):
-            values.append((OTHER, max(0.0, rest)))
+            values = sorted(self._counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            other = self._other
+        if other > 0:
+            values.append((OTHER, other))
         return values
 
     @property

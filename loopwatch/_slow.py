@@ -40,7 +40,7 @@ from . import _forksafe
 from ._component import Component, Naming, Report, ignore_error
 from ._frames import is_app_file
 from ._iteration import KNOWN_SELECTS, poll_clock, select_clock
-from ._labels import TopN
+from ._labels import Slots
 from ._patch import Patch
 from ._series import Histogram
 
@@ -147,7 +147,7 @@ class SlowCallbacks:
     def __init__(self, threshold: float, *, observe: Callable[[str, float], None],
                  log: Callable[[SlowCallback], None], clock: Callable[[], float] = time.monotonic) -> None:
         self.threshold = threshold
-        self.counts: dict[str, TopN] = {}  # per loop label
+        self.counts: dict[str, Slots] = {}  # per loop label
         self._clock_for_counts = clock
         self._observe = observe
         self._log = log
@@ -158,7 +158,7 @@ class SlowCallbacks:
     def record(self, event: SlowCallback) -> None:
         counts = self.counts.get(event.loop)
         if counts is None:
-            counts = self.counts[event.loop] = TopN(20, clock=self._clock_for_counts)
+            counts = self.counts[event.loop] = Slots(20, clock=self._clock_for_counts)
         counts.inc(event.label)
         self._observe(event.loop, event.duration)
         now = self._clock()
@@ -448,7 +448,7 @@ class SlowCallbackMetrics(Component):
         counts = self.slow.counts
         service = self.naming.service
         slow = self.naming.family(CounterMetricFamily, "slow_callbacks",
-                                    "Callbacks over slow_callback_threshold, by callback (top 20, rest in "
+                                    "Callbacks over slow_callback_threshold, by callback (first 20 seen, rest in "
                                     "'other').", ["loop", "callback"])
         for loop, per_loop in list(counts.items()):
             for callback, value in per_loop.items():

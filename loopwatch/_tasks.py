@@ -35,7 +35,7 @@ from . import _forksafe
 from ._component import Component, Degrade, Naming, Report, ignore_error
 from ._errors import ConfigError, check_watch_name
 from ._patch import Patch, instance_attribute
-from ._labels import TopN
+from ._labels import Slots
 from ._log import emit
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class TaskHealth(Component):
         self._degrade = degrade
         self._all_tasks = all_tasks
         self._wall_clock = wall_clock
-        self._exceptions = TopN(EXCEPTION_LABELS)
+        self._exceptions = Slots(EXCEPTION_LABELS)
         self._names: dict[type, str] = {}
         self._lock = _forksafe.lock()
         self._last_exception = 0.0
@@ -100,7 +100,7 @@ class TaskHealth(Component):
 
     def after_fork(self) -> None:
         """A forked child: counts from zero.  Watched queues stay watched (the child has them too)."""
-        self._exceptions = TopN(EXCEPTION_LABELS)
+        self._exceptions = Slots(EXCEPTION_LABELS)
         self._last_exception = 0.0
         self._destroyed_pending = 0
 
@@ -203,7 +203,7 @@ class TaskHealth(Component):
         exceptions = metrics.family(
             CounterMetricFamily, "task_exceptions",
             "Exceptions that reached a watched loop's exception handler, by exception type "
-            "(top 20, the rest as 'other').", ["exception"])
+            "(first 20 seen, the rest as 'other').", ["exception"])
         for name, value in self._exceptions.items():
             exceptions.add_metric([service, name], value)
         yield exceptions

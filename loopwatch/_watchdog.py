@@ -365,6 +365,10 @@ class Watchdog(Component):
             elif late:
                 stall.note = ("not captured live: the watchdog could not run when the stall crossed the "
                               "threshold (the GIL was held, or the process was paused)")
+                gilheld = self._gilheld(probe)
+                why = gilheld.unguarded() if gilheld is not None else None
+                if why is not None:
+                    stall.note += f"; {why}"
             else:
                 self._capture(probe, state, stall, now)
         later = [since + value for value in self._thresholds if value not in stall.counted]

@@ -6,12 +6,21 @@ thread's own stack."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from loopwatch._gilheld import GilHeldStacks
+from loopwatch._iteration import _accel
+
+pytestmark = pytest.mark.skipif(_accel is None, reason="the fallback needs the C accelerator")
 
 
 def spin_python(seconds: float) -> int:
@@ -50,3 +59,40 @@ def test_no_stack_is_written_from_a_thread_that_does_not_hold_the_gil(tmp_path: 
         assert written and all("spin_python" in stack for stack in written), written
     finally:
         stacks.close()
+
+
+def test_a_storm_of_signals_on_call_heavy_python_never_crashes(app_runner, tmp_path: Path) -> None:
+    """2,000 signals a second for 4 s, landing on a thread that creates and frees frames and objects all
+    the time: stacks are written, and the process survives (a crash is death by SIGSEGV)."""
+    dump_dir = tmp_path / "dumps"
+    dump_dir.mkdir(mode=0o700)
+    app = app_runner("fallback_storm", str(dump_dir), "4")
+    out = app.finish(timeout=120)
+    assert app.proc.returncode == 0, out
+    line = next(line for line in out.splitlines() if line.startswith("SURVIVED "))
+    result = json.loads(line[len("SURVIVED "):])
+    assert result["guard_on_top"] and result["refused"] == 0, result
+    assert result["stacks"] >= 100, result
+
+
+def test_a_fault_inside_a_walk_is_caught_and_any_other_goes_to_the_previous_handler(tmp_path: Path) -> None:
+    """The memory-fault guard: a fault while a stack is being walked ends that walk (counted), the process
+    goes on; outside a walk, SIGSEGV reaches the handler that was there before (faulthandler's here)."""
+    stacks = GilHeldStacks(tmp_path, pid=os.getpid(), created_ms=1, service="t")
+    assert stacks.open() is None
+    try:
+        on_top, faults, _ = _accel.stack_guard()
+        assert on_top
+        assert _accel.stack_guard_probe() is True
+        assert _accel.stack_guard()[1] == faults  # the probe's own fault is not counted as a walk's
+    finally:
+        stacks.close()
+    assert _accel.stack_guard()[0] is False  # removed with the fallback
+    crash = subprocess.run(
+        [sys.executable, "-c", "import faulthandler, ctypes, os, sys; faulthandler.enable();"
+         "from loopwatch._gilheld import GilHeldStacks;"
+         "from pathlib import Path; s = GilHeldStacks(Path(sys.argv[1]), pid=os.getpid(), created_ms=1, service='t'); assert s.open() is None;"
+         "ctypes.string_at(8)", str(tmp_path)],
+        capture_output=True, text=True, timeout=60)
+    assert crash.returncode == -signal.SIGSEGV, crash
+    assert "Fatal Python error: Segmentation fault" in crash.stderr  # faulthandler's, chained

@@ -16,7 +16,7 @@ from conftest import APPS, free_port, sample, scrape
 
 import loopwatch
 from loopwatch import _slow
-from loopwatch._labels import OTHER, TopN
+from loopwatch._labels import OTHER, Slots
 from loopwatch._slow import SlowCallback, SlowCallbacks, describe_callback
 
 APP = APPS / "slow_app.py"
@@ -39,8 +39,8 @@ class Clock:
 
 # -- bounded labels ------------------------------------------------------------------------------
 
-def test_top_n_folds_the_rest_into_other() -> None:
-    counts = TopN(2, track=10)
+def test_the_first_keys_keep_their_series_and_the_rest_add_to_other() -> None:
+    counts = Slots(2)
     for key, times in (("a", 5), ("b", 3), ("c", 2), ("d", 1)):
         for _ in range(times):
             counts.inc(key)
@@ -48,31 +48,67 @@ def test_top_n_folds_the_rest_into_other() -> None:
     assert sum(v for _, v in counts.items()) == counts.total == 11
 
 
-def test_top_n_membership_follows_the_counts() -> None:
-    counts = TopN(1, track=10)
-    counts.inc("early")
-    for _ in range(3):
-        counts.inc("frequent")
-    assert counts.items() == [("frequent", 3.0), (OTHER, 1.0)]
-
-
-def test_top_n_tracking_table_is_bounded_and_forgets_idle_keys() -> None:
+def test_a_later_frequent_key_does_not_take_a_slot_while_its_holder_is_counted() -> None:
+    """Sticky: moving keys in and out of a top-N by count would drop series and make ``other`` go down
+    (a counter reset for Prometheus)."""
     clock = Clock()
-    counts = TopN(2, track=4, forget_after=60, clock=clock)
-    for key in ("k1", "k2", "k3", "k4"):
+    counts = Slots(1, retire_after=60, clock=clock)
+    counts.inc("early")
+    for second in range(1, 50):
+        clock.now = float(second)
+        counts.inc("frequent")
+        if second % 10 == 0:
+            counts.inc("early")
+    assert counts.items() == [("early", 5.0), (OTHER, 49.0)]
+
+
+def test_an_idle_key_gives_its_slot_to_the_next_new_key() -> None:
+    clock = Clock()
+    counts = Slots(2, retire_after=60, clock=clock)
+    for key in ("k1", "k2", "k2"):
         counts.inc(key)
-    clock.now = 120.0  # all four are idle now
-    counts.inc("k5")
-    counts.inc("k5")
-    assert len(counts._counts) <= 4
-    assert counts.items()[0] == ("k5", 2.0)
+    clock.now = 30.0
+    counts.inc("k2")
+    counts.inc("k3")  # nobody idle for 60 s yet
+    assert counts.items() == [("k2", 3.0), ("k1", 1.0), (OTHER, 1.0)]
+    clock.now = 61.0  # k1 idle 61 s, k2 31 s
+    counts.inc("k4")
+    assert counts.items() == [("k2", 3.0), ("k4", 1.0), (OTHER, 2.0)]  # k1's count moved to other
     assert counts.total == 6.0
-    assert sum(v for _, v in counts.items()) == 6.0
 
 
-def test_top_n_rejects_bad_sizes() -> None:
-    with pytest.raises(ValueError, match=r"^need 1 <= n <= track, got n=5, track=2$"):
-        TopN(5, track=2)
+def test_days_of_churn_keep_series_bounded_and_every_counter_monotonic() -> None:
+    """A week of simulated time, keys drawn from a changing population (a new handler every few minutes,
+    bursts of a few hot ones): at most n + 1 series at any scrape, no exported value ever goes down, a
+    series disappears only after its key was idle ``retire_after`` s, and the values add up to the total."""
+    import random
+
+    rng = random.Random(12)
+    clock = Clock()
+    counts = Slots(5, retire_after=3600, clock=clock)
+    previous: dict[str, float] = {}
+    last_counted: dict[str, float] = {}
+    for step in range(7 * 24 * 60):  # one step per simulated minute, a scrape at each
+        clock.now = step * 60.0
+        population = [f"handler{(step // 7 + i) % 400}" for i in range(8)] if step % 500 < 400 else ["hot"]
+        for _ in range(rng.randrange(0, 6)):
+            key = rng.choice(population)
+            counts.inc(key)
+            last_counted[key] = clock.now
+        now = dict(counts.items())
+        assert len(now) <= 6
+        assert abs(sum(now.values()) - counts.total) < 1e-6
+        for key, value in previous.items():
+            if key in now:
+                assert now[key] >= value, (key, value, now[key])
+            else:
+                assert key != OTHER and clock.now - last_counted[key] >= 3600, key
+        previous = now
+
+
+def test_slots_reject_bad_sizes() -> None:
+    with pytest.raises(ValueError, match=r"^need n >= 1 and retire_after > 0, got n=0, retire_after=3600.0$"):
+        Slots(0)
 
 
 # -- what ran ------------------------------------------------------------------------------------
