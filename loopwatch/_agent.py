@@ -290,15 +290,11 @@ class Agent:
     def _new_label(self) -> str:
         thread = _os.current_thread()
         # Digits as N: loops in worker-1 ... worker-999, one at a time, are all "worker-N" (no new series each)
-        base = "main" if thread is _os.main_thread() else name_pattern(thread.name)
-        taken = {p.label for p in self.loops.probes}
-        label, n = base, 2
-        while label in taken:
-            label, n = f"{base}-{n}", n + 1
-        return label
+        return self.loops.new_label("main" if thread is _os.main_thread() else name_pattern(thread.name))
 
     def detach(self, probe: LoopProbe) -> None:
-        """Stop watching ``probe``'s loop (it was closed): its series disappear."""
+        """Stop watching ``probe``'s loop (it was closed).  Its label's series stay (gauges at 0, counters
+        where they were): the next loop with that label carries on from there."""
         with self._lock:
             self._detach_locked(probe)
 
@@ -311,10 +307,9 @@ class Agent:
             self.task_health.detach(probe)
         if self.executors is not None:
             self.executors.detach(probe.label)
+        self.loops.retire(probe)
         if probe.activity is not None:
             probe.activity.uninstall()
-        self.lag.remove_loop(probe.label)
-        self.slow_metrics.remove_loop(probe.label)
         self.fallback.detach(probe)
 
     def _activity_for(self, loop: asyncio.AbstractEventLoop, probe: LoopProbe) -> Any:

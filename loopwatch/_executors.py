@@ -238,10 +238,7 @@ class Executors(Component):
         name, patch = entry
         with self._lock:
             self._watched.pop(name, None)
-        try:
-            self.histogram.remove(self.naming.service, name)
-        except KeyError:
-            pass
+        # Its wait histogram stays: the next loop with this label carries on in the same series.
         patch.undo()  # restored if still on top, else a pass-through in whoever's chain
 
     def stop(self) -> None:
@@ -285,7 +282,9 @@ class Executors(Component):
         return [depth, threads, limit, busy, *histograms]
 
     def _forget(self, name: str, item: _Watched) -> None:
-        """A shut-down executor: its series go (a default one comes back if asyncio makes a new one)."""
+        """A shut-down executor: its gauges go (a default one comes back if asyncio makes a new one); its wait
+        histogram stays -- it only grows, and an executor watched again under the name carries on in it, so
+        a pool made and shut down again and again under one name does not create and drop series."""
         self._unpatch(item)
         if name.startswith("default"):
             item.ref = _nothing
@@ -293,10 +292,6 @@ class Executors(Component):
             with self._lock:
                 if self._watched.get(name) is item:
                     del self._watched[name]
-        try:
-            self.histogram.remove(self.naming.service, name)
-        except KeyError:
-            pass
 
 
 def _numbers(executor: Any) -> dict[str, float]:

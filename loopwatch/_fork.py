@@ -140,6 +140,7 @@ def _forget_parent(agent: Agent, parent_pid: int) -> None:
             agent.guard.report("fork", exc)
         probe.stopped = True  # a pending beat on an inherited loop returns at once
     agent.loops.probes = ()
+    agent.loops.forget()
     notes = agent._degrade.notes
     notes[:] = [d for d in notes if not d.startswith(("exporter:", "faulthandler:"))]
 

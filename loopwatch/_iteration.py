@@ -254,6 +254,7 @@ class UvActivity:
         if self._closed:
             return
         self.busy_now()
+        self._extra = self._stretches.drain() + self._extra  # still told by finished() after this
         self._closed = True
         loop = self._loop_ref()
         if loop is not None and loop.is_running():

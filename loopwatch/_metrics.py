@@ -55,15 +55,6 @@ class LoopLag(Component):
         for threshold in self.thresholds:
             self.spikes.labels(service, loop, threshold_label(threshold))
 
-    def remove_loop(self, loop: str) -> None:
-        service = self.naming.service
-        for series, labels in ((self.delay, (service, loop)),
-                               *((self.spikes, (service, loop, threshold_label(t))) for t in self.thresholds)):
-            try:
-                series.remove(*labels)
-            except KeyError:
-                pass
-
     def observe_delay(self, loop: str, delay: float) -> None:
         self.delay.labels(self.naming.service, loop).observe(delay)
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _unpatched as _os
+from ._labels import OTHER
 
+MAX_LOOP_LABELS = 20  # distinct loop label values, then "other"
 CLOCK_TOLERANCE = 0.25  # seconds: a loop clock this far from time.monotonic() is not the real clock
 _monotonic = time.monotonic
 _real_time_functions = (asyncio.BaseEventLoop.time,)
@@ -208,11 +210,49 @@ class LoopProbe:
 
 class Loops:
     """The watched loops, one :class:`LoopProbe` each: the agent adds and removes them (under its lock),
-    components read them (``loops()``, a tuple replaced whole: no lock to read) and their live lag."""
+    components read them (``loops()``, a tuple replaced whole: no lock to read) and their live lag.
+
+    Loop labels are bounded and their series stay: ``labels`` holds every label given since install (or
+    fork) -- at most ``MAX_LOOP_LABELS``, then new ones are ``other`` -- and each label's series are exported
+    from its first loop on, whether or not a loop with that label is running (gauges read 0 then; counters
+    carry on from where the closed loops of that label left them).  Loops that come and go in numbered
+    threads are one label, so no series is created and dropped as they do."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.probes: tuple[LoopProbe, ...] = ()
+        self.labels: dict[str, None] = {}  # every label given, in order
+        self.busy_closed: dict[str, float] = {}  # busy seconds of the closed loops of each label
         self._clock = clock
+
+    def new_label(self, base: str) -> str:
+        """The label for a new loop whose thread's name gives ``base``: ``base``, ``base-2``... while a loop
+        with that label is running; ``other`` (``other-2``...) once ``MAX_LOOP_LABELS`` labels were given."""
+        taken = {p.label for p in self.probes}
+        for name in (base, OTHER):
+            label, n = name, 2
+            while label in taken:
+                label, n = f"{name}-{n}", n + 1
+            if label in self.labels or len(self.labels) < MAX_LOOP_LABELS or name == OTHER:
+                self.labels[label] = None
+                return label
+        raise AssertionError("unreachable")
+
+    def retire(self, probe: LoopProbe) -> None:
+        """``probe``'s loop is no longer watched: its busy seconds carry over to its label's counter."""
+        activity = probe.activity
+        busy = activity.busy_now() if activity is not None else None
+        if busy is not None:
+            self.busy_closed[probe.label] = self.busy_closed.get(probe.label, 0.0) + busy
+
+    def forget(self) -> None:
+        """A forked child: the parent's loops' labels and totals are not the child's."""
+        self.labels.clear()
+        self.busy_closed.clear()
+
+    def idle_labels(self) -> list[str]:
+        """The labels given that no watched loop has now (their gauges read 0)."""
+        live = {p.label for p in self.probes}
+        return [label for label in list(self.labels) if label not in live]
 
     def __call__(self) -> tuple[LoopProbe, ...]:
         return self.probes
@@ -230,9 +270,10 @@ class Loops:
         return 0.0 if since is None else max(0.0, now - since)
 
     def live_lag(self) -> list[tuple[str, float]]:
-        """``(label, lag)`` of every watched loop, now (``event_loop_lag_seconds``)."""
+        """``(label, lag)`` of every watched loop, now, and 0 for every label no loop has now
+        (``event_loop_lag_seconds``)."""
         now = self._clock()
-        return [(p.label, self.lag_of(p, now)) for p in self.probes]
+        return [(p.label, self.lag_of(p, now)) for p in self.probes] + [(label, 0.0) for label in self.idle_labels()]
 
     def stall_of(self, label: str) -> tuple[int, Callable[[], bool]] | None:
         """The stall going on in loop ``label``: its thread's native id, and whether it is still the same

@@ -437,13 +437,6 @@ class SlowCallbackMetrics(Component):
     def add_loop(self, loop: str) -> None:
         self.histogram.labels(self.naming.service, loop)
 
-    def remove_loop(self, loop: str) -> None:
-        self.slow.counts.pop(loop, None)
-        try:
-            self.histogram.remove(self.naming.service, loop)
-        except KeyError:
-            pass
-
     def families(self) -> list[Metric]:
         counts = self.slow.counts
         service = self.naming.service
@@ -456,9 +449,14 @@ class SlowCallbackMetrics(Component):
         busy = self.naming.family(CounterMetricFamily, "event_loop_busy_seconds",
                                     "Time the loop spent running callbacks rather than waiting for I/O; "
                                     "rate() is utilization.", ["loop"])
-        for probe in self._probes():
+        loops = self._probes
+        closed = dict(getattr(loops, "busy_closed", {}))  # the closed loops' seconds, by label
+        for probe in loops():
             activity = getattr(probe, "activity", None)
             value = activity.busy_now() if activity is not None else None
             if value is not None:
-                busy.add_metric([service, probe.label], value)
+                busy.add_metric([service, probe.label], closed.pop(probe.label, 0.0) + value)
+        for label in getattr(loops, "idle_labels", list)():
+            if label in closed:  # a label whose loops were measured: its total stays
+                busy.add_metric([service, label], closed[label])
         return [slow, *self.histogram.collect(), busy] if self._slow else [busy]

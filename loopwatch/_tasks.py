@@ -194,10 +194,13 @@ class TaskHealth(Component):
         for probe in self._probes():
             loop = probe.loop
             if loop is None or loop.is_closed():
+                tasks.add_metric([service, probe.label], 0)
                 continue
             count = self._count_tasks(loop)
             if count is not None:
                 tasks.add_metric([service, probe.label], count)
+        for label in getattr(self._probes, "idle_labels", list)():
+            tasks.add_metric([service, label], 0)
         yield tasks
 
         exceptions = metrics.family(

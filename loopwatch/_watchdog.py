@@ -313,7 +313,12 @@ class Watchdog(Component):
                 if due is not None:
                     wake = min(wake, due)
         for gone in [p for p in self._states if p not in live]:
-            del self._states[gone]
+            # Detached (its loop closed) since the last look: a stall that ended just before is still told.
+            state = self._states.pop(gone)
+            with self._guard("watchdog"):
+                if gone.activity is not None:
+                    for start, end in gone.activity.finished():
+                        self._ended(gone, state, start, end, now, late=late)
         return max(wake, now + 0.001)
 
     def _check(self, probe: LoopProbe, state: _ProbeState, now: float, late: bool) -> float | None:

@@ -185,9 +185,11 @@ def test_uninstall_restores_everything_and_reinstall_works(registry, tmp_path):
     assert len(list(tmp_path.glob("loopwatch-*-event_loop_lag.json"))) == 1
 
 
-# -- 4. a loop that is closed disappears; the next one is "main" again ----------------------------
-def test_closed_loop_series_disappear_and_label_is_reused(registry, tmp_path):
-    agent = loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path)
+# -- 4. a loop that is closed stays as a label at rest; the next one is "main" again and carries on ------
+def test_closed_loop_series_stay_at_rest_and_the_next_loop_carries_on(registry, tmp_path):
+    """No series is created and dropped as loops come and go: a closed loop's gauges read 0, its counters
+    stay, and the next loop with the same label continues them (never a counter reset)."""
+    agent = loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path, probe_interval=0.1)
 
     async def look():
         await asyncio.sleep(0.6)
@@ -197,16 +199,43 @@ def test_closed_loop_series_disappear_and_label_is_reused(registry, tmp_path):
     assert labels == ["main"]
     names = {name for name, _ in series}
     assert {"loopwatch_event_loop_lag_seconds", "loopwatch_event_loop_delay_seconds_count",
-            "loopwatch_event_loop_lag_spikes_total"} <= names, names
+            "loopwatch_event_loop_lag_spikes_total", "loopwatch_event_loop_busy_seconds_total"} <= names, names
 
-    wait_for(lambda: not loop_series(registry, "main"), timeout=3.0, what="the closed loop's series to go")
-    assert agent.snapshot().loops == ()
-    assert b'loop="main"' not in prometheus_client.generate_latest(registry)
+    wait_for(lambda: agent.snapshot().loops == (), timeout=3.0, what="the closed loop to be detached")
+    at_rest = dict(collected(registry))
+    assert {name for name, _ in loop_series(registry, "main")} == names  # the same series, still there
+    assert sample(at_rest, "loopwatch_event_loop_lag_seconds", loop="main") == 0.0
+    delays = sample(at_rest, "loopwatch_event_loop_delay_seconds_count", loop="main")
+    busy = sample(at_rest, "loopwatch_event_loop_busy_seconds_total", loop="main")
+    assert delays >= 1 and busy > 0
 
     labels, series = asyncio.run(look())
     assert labels == ["main"]
     assert {name for name, _ in series} == names
+    again = dict(collected(registry))
+    assert sample(again, "loopwatch_event_loop_delay_seconds_count", loop="main") > delays  # carried on
+    assert sample(again, "loopwatch_event_loop_busy_seconds_total", loop="main") >= busy
     assert all(("loop", "main-2") not in ls for _, ls in collected(registry))
+
+
+def test_loop_labels_are_capped_with_other(registry, tmp_path):
+    """Loops in threads with unique names that have no digits: the first MAX_LOOP_LABELS labels keep
+    their series, later ones are ``other`` -- the label set never grows past the cap."""
+    from loopwatch._probe import MAX_LOOP_LABELS
+
+    loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path)
+
+    def run_in(name: str) -> None:
+        thread = threading.Thread(target=asyncio.run, args=(asyncio.sleep(0.01),), name=name)
+        thread.start()
+        thread.join(10)
+
+    names = [f"loop-{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(MAX_LOOP_LABELS + 10)]
+    for name in names:
+        run_in(name)
+    labels = {dict(ls)["loop"] for name, ls in collected(registry) if name == "loopwatch_event_loop_lag_seconds"}
+    assert len(labels) == MAX_LOOP_LABELS + 1, sorted(labels)  # the first 20, and other
+    assert "other" in labels and names[-1] not in labels
 
 
 def test_back_to_back_runs_reuse_the_label(registry, tmp_path):

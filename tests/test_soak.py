@@ -53,9 +53,15 @@ def test_churn_creates_no_new_series_no_errors_and_no_memory_growth(app_runner, 
     assert loops <= {"main", "loop-thread-N", "loop-thread-N-2", "loop-thread-N-3"}, loops
     distinct_at_warm_up = next(total for elapsed, _, total in counts if elapsed >= warm_up)
     # Flat after warm-up: what may still appear is bounded -- a second live loop in the numbered threads
-    # ("loop-thread-N-2") brings its ~25 series at once, a new kind of thread one (up to 21).  Per-thread
+    # ("loop-thread-N-2") brings its ~25 series once, a new kind of thread one (up to 21).  Per-thread
     # series added hundreds a minute (648 thread label sets in 60 s before).
-    assert counts[-1][2] <= distinct_at_warm_up + 60, (distinct_at_warm_up, counts[-1])
+    assert counts[-1][2] <= distinct_at_warm_up + 40, (distinct_at_warm_up, counts[-1])
+    # Nothing is created and dropped: every series seen is still there at the end -- loops that came and
+    # went included (their gauges at 0) -- except the gauges of an executor shut down at that moment
+    # (the churn makes and shuts down one every 200 ms under one name; its wait histogram stays).
+    gone = {name for name, _ in seen - set(last)}
+    assert gone <= {f"loopwatch_to_thread_executor_{g}" for g in ("queue_depth", "threads", "max_workers",
+                                                                  "busy_threads")}, sorted(gone)
     assert len(counts) > SECONDS / SCRAPE_EVERY / 3, "the scrapes kept up"
     errors = {dict(labels)["component"]: v for (name, labels), v in last.items() if name == "loopwatch_errors_total"}
     assert errors and not any(errors.values()), errors

@@ -242,7 +242,7 @@ def test_an_executor_whose_class_has_its_own_submit_is_not_patched_but_its_gauge
     pool.shutdown()
 
 
-def test_a_shut_down_executor_disappears_and_the_default_one_is_picked_up(registry, tmp_path) -> None:
+def test_a_shut_down_executors_gauges_go_its_wait_histogram_stays(registry, tmp_path) -> None:
     async def main():
         loopwatch.install(registry=registry, metrics_port=0, dump_dir=tmp_path)
         pool = loopwatch.watch_executor(cf.ThreadPoolExecutor(2), "jobs")
@@ -256,7 +256,14 @@ def test_a_shut_down_executor_disappears_and_the_default_one_is_picked_up(regist
         assert sample(samples, "loopwatch_to_thread_executor_threads", executor="default") == 3
         pool.shutdown()
         samples = collected(registry)
-        assert [k for k in samples if ("executor", "jobs") in k[1]] == []
+        assert {k[0] for k in samples if ("executor", "jobs") in k[1]} == {
+            f"loopwatch_to_thread_executor_queue_wait_seconds_{s}" for s in ("bucket", "count", "sum")}
+        again = loopwatch.watch_executor(cf.ThreadPoolExecutor(1), "jobs")  # the same name: carries on
+        await asyncio.get_running_loop().run_in_executor(again, time.sleep, 0.01)
+        samples = collected(registry)
+        assert sample(samples, "loopwatch_to_thread_executor_queue_wait_seconds_count", executor="jobs") == 2
+        assert sample(samples, "loopwatch_to_thread_executor_threads", executor="jobs") == 1
+        again.shutdown()
         loop = asyncio.get_running_loop()
         assert "run_in_executor" in vars(loop)
         loopwatch.uninstall()
@@ -342,7 +349,7 @@ def test_forty_to_thread_calls_fill_the_default_executor(app_runner, tmp_path) -
     assert re.search(r"loopwatch\.executor_saturated .*executor=default", out), out
 
 
-def test_a_watched_executor_disappears_after_shutdown_and_a_process_pool_is_shown(app_runner, tmp_path) -> None:
+def test_a_watched_executors_gauges_go_after_shutdown_and_a_process_pool_is_shown(app_runner, tmp_path) -> None:
     app, url, stop = _start(app_runner, tmp_path, "watched")
     samples = scrape(url)
     assert sample(samples, f"{NS}_to_thread_executor_threads", executor="jobs") == 2
@@ -353,7 +360,10 @@ def test_a_watched_executor_disappears_after_shutdown_and_a_process_pool_is_show
     app.wait_line("SHUTDOWN")
     samples = scrape(url)
     _finish(app, stop)
-    assert [k for k in samples if ("executor", "jobs") in k[1]] == []
+    # its gauges are gone; only its wait histogram stays (it never goes down)
+    assert {k[0] for k in samples if ("executor", "jobs") in k[1]} <= {
+        f"{NS}_to_thread_executor_queue_wait_seconds_{s}" for s in ("bucket", "count", "sum")}
+    assert sample(samples, f"{NS}_to_thread_executor_threads", executor="jobs") is None
     assert sample(samples, f"{NS}_to_thread_executor_max_workers", executor="procs") == 2
     assert sample(samples, f"{NS}_errors_total", component="executor") == 0
 
