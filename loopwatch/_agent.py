@@ -115,7 +115,7 @@ class Agent:
                                         degrade=self._degrade, tls=_tls(options)) if options.metrics_port else None
         self.watchdog = Watchdog(options=options, probes=loops, count_spike=self.lag.count_spike,
                                  writer=self.writer, guard=self.guard, slow=self.slow, build_dump=dumps.build,
-                                 write_dump=dumps.write, detach=weak(self.detach), gilheld=self.fallback.for_probe,
+                                 write_dump=dumps.write, update_dump=dumps.update, detach=weak(self.detach), gilheld=self.fallback.for_probe,
                                  gc=self.gc, accelerated=self.accelerated, clock=clock)
         # Start order (stop is the reverse); registry order too: errors_total last, so a scrape counts
         # the failures of that very scrape.

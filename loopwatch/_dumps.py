@@ -91,6 +91,12 @@ def render_text(dump: dict[str, Any]) -> str:
         cpu_text = f", loop thread CPU {cpu:.3f} s" if isinstance(cpu, (int, float)) else ""
         out.append(f"loop {dump.get('loop')!r} stalled for {dump['stall_seconds']:.3f} s when the stack "
                    f"was taken (kind: {kind}{cpu_text}; source: {dump.get('source')})")
+        whole = dump.get("whole_stall") if isinstance(dump.get("whole_stall"), dict) else {}
+        if isinstance(dump.get("duration"), (int, float)):
+            whole_cpu = whole.get("cpu_seconds")
+            whole_cpu_text = f", loop thread CPU {whole_cpu:.3f} s" if isinstance(whole_cpu, (int, float)) else ""
+            out.append(f"the whole stall lasted {dump['duration']:.3f} s (kind: {whole.get('kind') or 'unknown'}"
+                       f"{whole_cpu_text})")
     culprit = dump.get("culprit")
     if culprit:
         out.append(f"culprit: {culprit['filename']}:{culprit['lineno']} in {culprit['function']}")
@@ -179,6 +185,20 @@ class DumpWriter:
             write_private(path.with_suffix(".txt"), render_text(dump).encode())
             self._prune()
         return path
+
+    def update(self, path: Path, fields: dict[str, Any]) -> bool:
+        """Add ``fields`` to the dump at ``path`` (JSON and text twin, rewritten atomically); False if it is
+        gone (pruned).  Under the writer's lock: two updates (the stall's end, py-spy's native stack) never
+        undo each other."""
+        with self._lock:
+            try:
+                dump = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                return False
+            dump.update(fields)
+            write_private(path, json.dumps(dump, indent=2, default=str).encode())
+            write_private(path.with_suffix(".txt"), render_text(dump).encode())
+        return True
 
     def existing(self) -> list[Path]:
         """The dumps in the directory, oldest first."""
@@ -299,6 +319,14 @@ class Dumps(Component):
         self._written(dump, path)
         return path
 
+    def update(self, path: Path, fields: dict[str, Any]) -> bool:
+        """:meth:`DumpWriter.update` from loopwatch's own threads: failures are counted, never raised."""
+        try:
+            return self.writer.update(path, fields)
+        except (OSError, ValueError) as exc:
+            self.report("dump", exc, dump_dir=str(self.writer.directory))  # type: ignore[call-arg]
+            return False
+
     def write_or_raise(self, dump: dict[str, Any]) -> Path:
         path = self.writer.write(dump)
         self._written(dump, path)
@@ -319,7 +347,7 @@ class Dumps(Component):
             found = self._busy_since(dump.get("loop") or "")
             if found is not None and self.native_stacks is not None:
                 native_id, still_stalled = found
-                self.native_stacks.enrich(path, native_id, still_stalled, write=write_private)
+                self.native_stacks.enrich(path, native_id, still_stalled, update=self.writer.update)
         except Exception as exc:  # noqa: BLE001
             self.report("native_stacks", exc)
 

@@ -81,11 +81,11 @@ class NativeStacks:
         self._busy = _forksafe.lock()
 
     def enrich(self, path: Path, native_id: int, still_stalled: Callable[[], bool], *,
-               write: Callable[[Path, bytes], None]) -> threading.Thread | None:
+               update: Callable[[Path, dict[str, Any]], bool]) -> threading.Thread | None:
         """Start the capture for the dump at ``path`` (one at a time; never blocks the caller)."""
         if not self.enabled or not self._busy.acquire(blocking=False):
             return None
-        thread = threading.Thread(target=self._run, args=(path, native_id, still_stalled, write),
+        thread = threading.Thread(target=self._run, args=(path, native_id, still_stalled, update),
                                   name="loopwatch-pyspy", daemon=True)
         try:
             thread.start()
@@ -96,7 +96,7 @@ class NativeStacks:
         return thread
 
     def _run(self, path: Path, native_id: int, still_stalled: Callable[[], bool],
-             write: Callable[[Path, bytes], None]) -> None:
+             update: Callable[[Path, dict[str, Any]], bool]) -> None:
         try:
             report = self.capture()
             if report is None:
@@ -108,10 +108,8 @@ class NativeStacks:
                 self._log("info", "loopwatch.native_stack", path=str(path), added=False,
                           note="the stall ended while py-spy was reading the stacks")
                 return
-            dump = json.loads(path.read_text())
-            dump["native_stack"] = frames
-            dump["native_source"] = "py-spy"
-            write(path, json.dumps(dump, indent=2, default=str).encode())
+            if not update(path, {"native_stack": frames, "native_source": "py-spy"}):
+                return  # the dump was pruned meanwhile
             innermost = frames[-1] if frames else {}
             self._log("info", "loopwatch.native_stack", path=str(path), added=True,
                       innermost=f"{innermost.get('function')} in {innermost.get('filename')}")

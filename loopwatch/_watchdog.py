@@ -123,6 +123,7 @@ class Watchdog(Component):
     def __init__(self, *, options: Any, probes: Callable[[], tuple[LoopProbe, ...]],
                  count_spike: Callable[[str, float], None], writer: Any, guard: Guard, slow: SlowCallbacks,
                  build_dump: Callable[..., dict[str, Any]], write_dump: Callable[[dict[str, Any]], Path | None],
+                 update_dump: Callable[[Path, dict[str, Any]], bool] = lambda path, fields: False,
                  detach: Callable[[LoopProbe], None], gilheld: Callable[[LoopProbe], GilHeldStacks | None],
                  gc: Any = None, accelerated: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(report=guard.report)
@@ -136,6 +137,7 @@ class Watchdog(Component):
         self._slow = slow
         self._build_dump = build_dump
         self._write_dump = write_dump
+        self._update_dump = update_dump
         self._detach = detach
         self._gilheld = gilheld
         self._gc = gc
@@ -520,6 +522,9 @@ class Watchdog(Component):
             self._count_slow(probe, stall, duration)
         kind, cpu, extra = self._kind(state, start, duration, now, stall.before)
         state.blocks = [b for b in state.blocks if b[0] > end + KEY_TOLERANCE]
+        if stall.dump_path is not None:  # the dump was taken mid-stall: now it can say how long it lasted
+            self._update_dump(stall.dump_path, {"duration": round(duration, 6), "whole_stall": {
+                "kind": kind, "cpu_seconds": None if cpu is None else round(cpu, 6)}})
         emit("warning", "loopwatch.stall", loop=probe.label, duration=round(duration, 6),
              thresholds=[t for t in self._thresholds if t in stall.counted], culprit=_location(stall.culprit),
              dump=str(stall.dump_path) if stall.dump_path else None, kind=kind,

@@ -197,6 +197,13 @@ def test_blocking_stall_is_measured_and_dumped_while_it_lasts(app_runner: Runner
     assert str(path) in logged, logged
     assert "kind=blocked" in logged, logged
     assert dumps(dump_dir) == [path]
+    # -- the dump taken mid-stall now also says how long the whole stall lasted (as the event does)
+    whole = load(path)
+    assert "duration" not in dump and abs(whole["duration"] - (ended - started)) < 0.3, (whole["duration"], ended - started)
+    assert f"duration={whole['duration']}" in logged, logged
+    assert whole["whole_stall"]["kind"] == "blocked" and whole["stall_seconds"] == dump["stall_seconds"]
+    assert f"the whole stall lasted {whole['duration']:.3f} s (kind: blocked" in txt.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 # -- 2. CPU-bound stall -------------------------------------------------------------------------
@@ -222,6 +229,9 @@ def test_cpu_bound_stall_is_dumped_as_kind_cpu(app_runner: Runner, tmp_path: Pat
     (logged,) = stall_lines(out)
     assert "kind=cpu" in logged and str(path) in logged, logged
     assert dumps(dump_dir) == [path]
+    whole = load(path)
+    assert whole["duration"] >= ended - started - 0.3 and whole["whole_stall"]["kind"] == "cpu", whole
+    assert whole["whole_stall"]["cpu_seconds"] > dump["cpu_seconds"]
 
 
 # -- 3. GIL-held stall --------------------------------------------------------------------------

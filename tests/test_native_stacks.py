@@ -67,7 +67,7 @@ def test_pyspy_not_permitted_switches_the_feature_off(tmp_path) -> None:
     assert stacks.capture() is None
     assert not stacks.enabled and errors == []
     assert reasons and "not permitted" in reasons[0] and "CAP_SYS_PTRACE" in reasons[0], reasons
-    assert stacks.enrich(tmp_path / "x.json", os.getpid(), lambda: True, write=lambda *a: None) is None
+    assert stacks.enrich(tmp_path / "x.json", os.getpid(), lambda: True, update=lambda *a: False) is None
 
 
 def test_native_frames_are_outermost_first_for_the_asked_thread() -> None:
