@@ -1,7 +1,5 @@
 """``loopwatch`` (the console script) and ``python -m loopwatch``: the operator's tools around the agent.
 
-    loopwatch run [OPTIONS] -- COMMAND...   install loopwatch in COMMAND's Python processes, no code change
-    loopwatch dump PID                      make a running process write a dump now (py-spy without loopwatch)
     loopwatch dumps DIR...                  the stalls in dump directories, grouped by culprit
     loopwatch report DIR... -o FILE.html    one self-contained incident page
     loopwatch dashboards [--namespace NS] [--out DIR]
@@ -25,7 +23,7 @@ from ._config import resolve
 from ._dashboards import DEFAULT_NAMESPACE, RUNBOOK, render
 from ._errors import ConfigError
 
-COMMAND_MODULES = ("_run", "_remote", "_incidents")  # run; dump; dumps and report
+COMMAND_MODULES = ("_incidents",)  # dumps and report
 
 
 def _dashboards(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -42,13 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopwatch", description="Tools around the loopwatch agent.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"loopwatch.{name}")
-        except ModuleNotFoundError as exc:  # SKELETON ONLY (branch i13-base): not on main
-            if exc.name != f"loopwatch.{name}":
-                raise
-            continue
-        module.add_parsers(commands)
+        importlib.import_module(f"loopwatch.{name}").add_parsers(commands)
     dashboards = commands.add_parser("dashboards", help="write the Grafana dashboard and Prometheus rules for a namespace")
     dashboards.add_argument("--namespace", default=DEFAULT_NAMESPACE,
                             help=f"metric name prefix, as given to install() (default {DEFAULT_NAMESPACE})")

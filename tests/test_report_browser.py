@@ -211,12 +211,13 @@ def dumps_by_function(dump_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def expected_ranking(dump_dir: Path) -> list[str]:
-    """``file:line`` of each culprit, by total ``stall_seconds`` of its dumps (then stalls), from the files."""
+    """``file:line`` of each culprit, by total stalled seconds of its dumps (then stalls), from the files: the
+    whole stall's ``duration`` where the dump has it (added when the stall ended), else ``stall_seconds``."""
     totals: dict[str, list[float]] = defaultdict(list)
     for dumps in dumps_by_function(dump_dir).values():
         for dump in dumps:
             c = dump["culprit"]
-            totals[f"{c['filename']}:{c['lineno']}"].append(dump["stall_seconds"])
+            totals[f"{c['filename']}:{c['lineno']}"].append(dump.get("duration", dump["stall_seconds"]))
     return sorted(totals, key=lambda k: (-sum(totals[k]), -len(totals[k])))
 
 
