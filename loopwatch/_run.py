@@ -54,6 +54,14 @@ _HELP = {
     "slow_callback_mode": "auto, exact or off (default auto)",
     "gil_probe_interval": "seconds between GIL probe samples, 0 for none (default 1)",
     "executor_wait_threshold": "seconds of executor queue wait that log a warning (default 0.5)",
+    "faulthandler": "stacks of stalls that hold the GIL, written by the loop thread on a timer signal (default true)",
+    "native_stacks": "add the loop thread's native stack to mid-stall dumps with py-spy (default false)",
+    "accelerator": "use the compiled C accelerator when built (default true)",
+    "metrics_certfile": "serve /metrics over HTTPS with this PEM certificate (with --metrics-keyfile)",
+    "metrics_keyfile": "the PEM private key of --metrics-certfile",
+    "metrics_client_cafile": "PEM file of the CA that signs scrapers' client certificates",
+    "metrics_client_capath": "directory of CA certificates that sign scrapers' client certificates",
+    "metrics_client_auth_required": "refuse scrapers without a client certificate signed by that CA (default false)",
 }
 
 
@@ -115,9 +123,9 @@ def command_environment(args: argparse.Namespace, environ: dict[str, str] | os._
     resolve({}, environ=env)  # what install() will check in each process: fail now, not in every worker
     if args.quiet:
         env[QUIET_ENV] = "1"
-    entries = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry and
-               os.path.abspath(entry) != str(BOOTSTRAP)]
-    env["PYTHONPATH"] = os.pathsep.join([str(BOOTSTRAP), *entries])
+    existing = env.get("PYTHONPATH", "")  # its entries kept as they are (an empty one means the cwd)
+    entries = [entry for entry in existing.split(os.pathsep) if not entry or os.path.abspath(entry) != str(BOOTSTRAP)]
+    env["PYTHONPATH"] = os.pathsep.join([str(BOOTSTRAP), *entries]) if existing else str(BOOTSTRAP)
     return env
 
 
