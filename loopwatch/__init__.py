@@ -39,6 +39,7 @@ __all__ = [
 
 _lock = _forksafe.rlock()
 _agent: Agent | None = None
+_implicit: Agent | None = None  # installed by ``loopwatch run`` and not yet claimed by the application
 
 
 def install(
@@ -76,33 +77,59 @@ def install(
     escapes while installing raises ``RuntimeError``, with nothing left behind (no thread, descriptor,
     patch or series); a part that cannot work is a logged ``loopwatch.degraded`` and the rest runs.
     A second call returns the running agent; passing
-    options that differ from the running agent's raises :class:`ConfigError` (``uninstall()`` first).
+    options that differ from the running agent's raises :class:`ConfigError` (``uninstall()`` first) --
+    except over the agent ``loopwatch run`` installed before the application's first call: that one is
+    replaced (the application's options, ``LOOPWATCH_*`` for the rest).
     """
-    global _agent
+    global _agent, _implicit
     explicit = {name: value for name, value in locals().items() if name in OPTION_NAMES and value is not None}
     with _lock:
+        implicit, _implicit = _implicit, None  # the application's first call claims the agent
         if _agent is not None and _agent.started:
+            replace = False
             if explicit:
                 wanted = resolve(explicit, environ={})
                 for name in explicit:
                     current, new = getattr(_agent.options, name), getattr(wanted, name)
                     if (current is not new) if name == "registry" else current != new:
+                        if _agent is implicit:
+                            replace = True
+                            break
                         raise ConfigError(
                             f"loopwatch is already installed with {name}={current!r}, got {name}={new!r}; "
                             f"call loopwatch.uninstall() before installing with other options")
-            _agent.attach_current_loop()
-            return _agent
-        agent = Agent(resolve(explicit))
+            if not replace:
+                _agent.attach_current_loop()
+                return _agent
+            options = resolve(explicit)  # validated before the running agent stops
+            _agent, running = None, _agent
+            running.stop()
+        else:
+            options = resolve(explicit)
+        agent = Agent(options)
         agent.start()
         _agent = agent
         return agent
 
 
+def _install_for_run() -> Agent:
+    """``loopwatch run``'s install (its bootstrap ``sitecustomize``, in a process's first running loop):
+    ``install()`` with the ``LOOPWATCH_*`` options.  Until the application calls ``install()`` itself, the
+    agent is ``loopwatch run``'s: the application's first ``install(...)`` with options that differ
+    replaces it (instead of raising :class:`ConfigError`)."""
+    global _implicit
+    with _lock:
+        ours = _agent is None or not _agent.started or _agent is _implicit
+        agent = install()
+        _implicit = agent if ours else None
+        return agent
+
+
 def uninstall() -> None:
     """Stop the agent: threads stopped, patches undone, metrics unregistered.  Safe to call twice."""
-    global _agent
+    global _agent, _implicit
     with _lock:
-        agent, _agent = _agent, None
+        agent, _agent, _implicit = _agent, None, None
     if agent is not None:
         agent.stop()
 
