@@ -568,7 +568,7 @@ def render_text(result: Scan, groups: list[Group], since: float | None) -> str:
     if others:
         reasons = Counter(d.reason for d in others)
         out.append("")
-        out.append(f"other dumps (not stalls): " + ", ".join(f"{printable(r)} {n}" for r, n in sorted(reasons.items()))
+        out.append("other dumps (not stalls): " + ", ".join(f"{printable(r)} {n}" for r, n in sorted(reasons.items()))
                    + f"; latest {printable(others[-1].path)}")
     return "\n".join(out) + "\n"
 
@@ -1002,7 +1002,7 @@ def render_html(result: Scan, groups: list[Group], since: float | None, now: flo
         reasons = Counter(d.reason for d in others)
         listed = "".join(f"<li>{esc(human(d.timestamp))} UTC <b>{esc(d.reason)}</b> {esc(d.service or '')} "
                          f"pid {esc(d.pid)} <code>{esc(d.path)}</code></li>" for d in others[-MAX_PATHS:][::-1])
-        out.append(f'<section id="other-dumps"><h2>Other dumps (not stalls)</h2><p class="note">'
+        out.append('<section id="other-dumps"><h2>Other dumps (not stalls)</h2><p class="note">'
                    + esc(", ".join(f"{r} {n}" for r, n in sorted(reasons.items())))
                    + f" (newest {min(len(others), MAX_PATHS)} listed)</p><ul>{listed}</ul></section>")
     if result.skipped:

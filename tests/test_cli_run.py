@@ -15,7 +15,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 from typing import Any

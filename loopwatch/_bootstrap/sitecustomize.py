@@ -141,7 +141,7 @@ def _starting(loop):
         return
     _tried_in = os.getpid()
     try:
-        import loopwatch  # here, not in the callback: asyncio's debug mode would report it as a slow one
+        import loopwatch  # noqa: F401 - here, not in the callback: asyncio's debug mode would report it as a slow one
     except BaseException as exc:  # noqa: BLE001
         _failed(exc)
         if isinstance(exc, KeyboardInterrupt):
