@@ -37,6 +37,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import _forksafe
 from . import _unpatched as _os
 from ._component import Component, Degrade, Report
 from ._log import emit
@@ -100,7 +101,7 @@ class Console(Component):
         self._view = view
         self._degrade = degrade
         self._available = False
-        self._lock = threading.Lock()  # the monitor and the starter (never held across a start or a close)
+        self._lock = _forksafe.lock()  # the monitor and the starter (never held across a start or a close)
         self._monitor: Any = None
         self._probe: Any = None  # the loop the monitor watches
         self._starter: threading.Thread | None = None
@@ -252,7 +253,6 @@ class Console(Component):
         monitor, self._monitor = self._monitor, None
         self._probe = None
         self._starter = None
-        self._lock = threading.Lock()
         self.port = self.webui_port = None
         if monitor is None:
             return

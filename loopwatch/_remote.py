@@ -42,6 +42,7 @@ import faulthandler
 import json
 import os
 import re
+import signal
 import stat
 import sys
 import time
@@ -80,8 +81,6 @@ def beacon_name(pid: int, host: str) -> str:
 
 def auto_signals() -> tuple[int, ...]:
     """The signals ``dump_signal="auto"`` tries, in order."""
-    import signal
-
     rtmax = getattr(signal, "SIGRTMAX", None)
     return () if rtmax is None else (int(rtmax) - 2, int(rtmax) - 1, int(rtmax))
 
@@ -116,7 +115,7 @@ class DumpRequests(Component):
     request pipe and the signal handler; the watchdog thread sleeps on the pipe (``fileno()``) and calls
     :meth:`serve` each time it wakes."""
 
-    component = "dump"
+    component = "dump_signal"  # agent_up{part="dump_signal"}: the handler is installed (errors count as "dump")
 
     def __init__(self, directory: Path, *, dump_signal: int | str, walk: bool, service: str,
                  enabled: Callable[[], bool], loops: Callable[[], tuple[Any, ...]],

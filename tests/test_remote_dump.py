@@ -203,6 +203,37 @@ def test_a_signal_the_application_handles_is_not_taken(tmp_path, apps) -> None:
     assert "APP-HANDLER 2" not in output and len(app.requested()) == 1
 
 
+def test_a_forked_worker_answers_for_itself(tmp_path, apps) -> None:
+    # loopwatch installed in a parent that runs no loop (a --preload master), a forked worker runs the loop:
+    # each process has its own beacon and handler, and each answers for itself.
+    dump_dir, control = tmp_path / "dumps", tmp_path / "control"
+    control.mkdir()
+    app = App("remote_fork", str(dump_dir), str(control), env={"APP_LOGS": "logging"})
+    apps.append(app)
+    words = app.wait_line("PARENT ").split()
+    parent, child = int(words[1]), int(words[3])
+    app.wait_line("CHILD-READY")
+    beacons = {parse_beacon(p.read_text())["pid"] for p in dump_dir.glob(f"{BEACON_PREFIX}*.txt")}
+    assert beacons == {parent, child}
+    (control / "sleep-4").touch()
+    app.wait_line("SLEEP-START")
+    time.sleep(0.6)
+    out = run_dump(child, "--timeout", "10")
+    assert out.returncode == 0, out.stdout + out.stderr
+    (path,) = dump_dir.glob(f"loopwatch-*-{child}-requested.json")
+    dump = json.loads(path.read_text())
+    assert dump["culprit"]["function"] == "block_in_sleep" and dump["stall_seconds"] >= 0.5
+    out = run_dump(parent, "--timeout", "10")
+    assert out.returncode == 0, out.stdout + out.stderr
+    (path,) = dump_dir.glob(f"loopwatch-*-{parent}-requested.json")
+    dump = json.loads(path.read_text())
+    assert dump["pid"] == parent and dump["loop"] is None  # no loop in the master: its threads only
+    assert any(t["name"] == "MainThread" for t in dump["threads"])
+    (control / "stop").touch()
+    assert "PARENT-DONE" in app.finish(timeout=30)
+    assert not list(dump_dir.glob(f"{BEACON_PREFIX}*"))
+
+
 def test_without_loopwatch_it_runs_pyspy_and_says_so(tmp_path, apps) -> None:
     assert shutil.which("py-spy") or Path(sys.executable).with_name("py-spy").exists(), "py-spy must be installed"
     app = App("remote_plain", env={"APP_LOGS": "none"})
@@ -282,6 +313,11 @@ def test_a_stale_beacon_is_removed_and_a_planted_link_is_not_followed(tmp_path, 
         assert not own.is_symlink() and stat.S_IMODE(own.stat().st_mode) == 0o600
         assert parse_beacon(own.read_text())["pid"] == os.getpid()
         assert agent.requests.signal is not None
+        service = agent.options.service
+        assert registry.get_sample_value("loopwatch_agent_up", {"service": service, "part": "dump_signal"}) == 1.0
+        assert registry.get_sample_value("loopwatch_dumps_total", {"service": service, "reason": "requested"}) == 0.0
+        samples = [(s.name, tuple(sorted(s.labels.items()))) for f in registry.collect() for s in f.samples]
+        assert len(samples) == len(set(samples)), "no duplicate series"
     finally:
         loopwatch.uninstall()
     assert not own.exists()
