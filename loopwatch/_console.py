@@ -118,7 +118,8 @@ class Console(Component):
         except (ImportError, ValueError):  # a broken install, or sys.modules["aiomonitor"] = None
             found = False
         if not found:
-            self._degrade("console", "aiomonitor is not installed: pip install 'loopwatch[aiomonitor]'")
+            self.failed = "aiomonitor is not installed: pip install 'loopwatch[aiomonitor]'"
+            self._degrade("console", self.failed)
             return
         self._available = True
         if not is_loopback(self._addr):
@@ -128,10 +129,10 @@ class Console(Component):
 
     def up(self) -> bool | None:
         if not self._available:
-            return None
+            return False if self.failed is not None else None
         monitor = self._monitor
-        if monitor is None:
-            return None if self._probe is None and self.failed is None else False
+        if monitor is None:  # could not start (0), or not started yet / no loop (no series)
+            return False if self.failed is not None else None
         thread = getattr(monitor, "_ui_thread", None)
         return bool(thread is not None and thread.is_alive())
 
@@ -356,7 +357,7 @@ def _register_commands() -> None:
         for stall in recent:
             when = _dt.datetime.fromtimestamp(stall["ended_at"], _dt.timezone.utc).strftime("%H:%M:%S")
             rows.append((when, stall["loop"], f"{stall['duration']:.3f}", stall["kind"] or "?",
-                         stall["culprit"] or "-", stall["dump"] or "-"))
+                         stall["culprit"] or "-", stall["dump"] or _no_dump(stall.get("note"))))
         if recent:
             echo(_table(rows))
 
@@ -409,6 +410,13 @@ def _register_commands() -> None:
     def lw_pools(view: ConsoleView) -> None:
         """Database and cache pools: connections, waiters, timeouts (as scraped)"""
         pools_show(view)
+
+
+def _no_dump(note: str | None) -> str:
+    """The dump column of a stall without a dump: why (cooldown, not seen live, dumps off)."""
+    if not note:
+        return "-"
+    return f"- ({note if len(note) <= 72 else note[:71] + '…'})"
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:

@@ -69,7 +69,7 @@ if TYPE_CHECKING:  # the command's types: not imported by the agent
 BEACON_PREFIX = f"{PREFIX}agent-"
 BEACON_TAG = "# loopwatch-agent "
 REASON = "requested"
-LATE = 0.2  # seconds: a request answered later than this found the watchdog unable to run (the GIL held)
+LATE = 0.1  # seconds: a request answered later than this found the watchdog unable to run (the GIL held)
 KIND_WINDOW = 0.02  # seconds over which a requested dump mid-stall judges the stall's kind
 TOLERANCE = 0.002  # seconds: a stretch's start as read twice
 _MAX_BEACON = 1 << 20  # bytes of a beacon file the command reads
@@ -139,6 +139,7 @@ class DumpRequests(Component):
         self.signal: int | None = None
         self.walk = False
         self.note: str | None = None  # why there is no signal, if there is none
+        self.replaced = False  # another handler replaced ours after install
         self.owner: Any = None  # the LoopProbe whose thread the signal is forwarded to
         self._fd: int | None = None
         self._pipe: tuple[int, int] | None = None
@@ -221,11 +222,12 @@ class DumpRequests(Component):
         if self.walk and on_top:
             faulthandler.unregister(number)  # faulthandler puts back what it replaced: ours
         _accel.request_signal_off()
-        if not on_top:
+        if not on_top and not self.replaced:
             emit("warning", "loopwatch.dump_signal_replaced", signal=signal_name(number),
                  note="another handler replaced loopwatch's for this signal; it was left in place")
         self.signal = None
         self.walk = False
+        self.replaced = False
 
     def stop(self) -> None:
         try:
@@ -261,7 +263,10 @@ class DumpRequests(Component):
                     pass
 
     def up(self) -> bool | None:
-        return self.signal is not None if self._option != "off" and self.path is not None else None
+        """``agent_up{part="dump_signal"}``: the handler answers requests (no series with ``off`` or no dumps)."""
+        if self._option == "off" or self.path is None:
+            return None
+        return self.signal is not None and not self.replaced
 
     def _remove_stale(self) -> None:
         """Beacons of processes of this host that ended without ``uninstall()`` (killed)."""
@@ -281,9 +286,10 @@ class DumpRequests(Component):
 
     # -- the beacon ---------------------------------------------------------------------------------
     def header(self) -> dict[str, Any]:
+        number = None if self.replaced else self.signal  # the signal the command may send, if any
         return {
             "pid": os.getpid(), "created_ms": self._created_ms, "host": host_id(), "service": self._service,
-            "signal": self.signal, "signal_name": signal_name(self.signal) if self.signal else None,
+            "signal": number, "signal_name": signal_name(number) if number else None,
             "walk": self.walk, "note": self.note, "dump_dir": str(self.directory),
             "metrics_url": self._metrics_url(), "loopwatch": __version__, "python": sys.version.split()[0],
         }
@@ -333,7 +339,9 @@ class DumpRequests(Component):
         """Answer a request that arrived since the last call (watchdog thread); never raises."""
         if self.signal is None:
             return None
-        count, at, walked, _ = _accel.request_state()
+        count, at, walked, on_top = _accel.request_state()
+        if not on_top and not self.replaced:
+            self._replaced_by_another()
         if count == self._handled:
             return None
         self._handled = count
@@ -343,6 +351,16 @@ class DumpRequests(Component):
         except Exception as exc:  # noqa: BLE001 - the watchdog thread must go on
             self.report("dump", exc)
             return None
+
+    def _replaced_by_another(self) -> None:
+        """Another handler took the signal after install (the application's ``signal.signal``): requests no
+        longer reach loopwatch -- the beacon says so, and the command reads stacks with py-spy instead."""
+        self.replaced = True
+        name = signal_name(self.signal) if self.signal else "?"
+        self.note = (f"another handler replaced loopwatch's for {name} after install: dump requests are off "
+                     f"(set dump_signal to a signal the application leaves alone)")
+        emit("warning", "loopwatch.dump_signal_replaced", signal=name, note=self.note)
+        self._write_header()
 
     def _drain(self) -> None:
         try:

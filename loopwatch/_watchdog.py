@@ -16,6 +16,10 @@ cross it sooner), so it looks at a stall exactly when it crosses each threshold:
 * when the stretch ends, the clock reports it with its exact start and end: the ``loopwatch.stall`` event
   has its real duration.
 
+Dump requests from outside (``loopwatch dump PID``, see ``_remote``) wake it through a pipe it also sleeps
+on; it answers them (``DumpRequests.serve``) before each look.  For the console it keeps the last
+``RECENT_STALLS`` stalls that ended (``recent``) and lists the ones going on (``in_progress``).
+
 A stall that holds the GIL stops the watchdog too; the kernel timer of ``_gilheld`` then makes the loop
 thread write its own stack, and the watchdog turns it into the dump as soon as it runs again.  A look
 much later than planned means the watchdog was starved (the GIL held, the process paused): a stack taken
@@ -325,7 +329,13 @@ class Watchdog(Component):
             stall = state.pending(since)
             if stall is None:
                 continue
-            out.append({"loop": probe.label, "duration": round(now - since, 6), "kind": stall.kind,
+            kind = stall.kind
+            if kind is None:  # no dump was written for it (cooldown): judged from the samples taken inside it
+                try:
+                    kind = state.kind(since, now - since, now)[0]
+                except Exception:  # noqa: BLE001 - samples replaced by the watchdog meanwhile
+                    kind = None
+            out.append({"loop": probe.label, "duration": round(now - since, 6), "kind": kind,
                         "culprit": _location(stall.culprit), "dump": str(stall.dump_path) if stall.dump_path else None,
                         "source": stall.source, "note": stall.note})
         return out

@@ -334,6 +334,13 @@ def test_port_range_gives_each_process_its_own_console(tmp_path, apps, clients) 
         client = Telnet(app.port)
         clients.append(client)
         assert f"pid {app.pid}" in client.run("lw-lag")
+    # a single port another process holds: no console in this one, a clear reason, the rest runs
+    three = ConsoleApp(tmp_path / "three", console=str(first))
+    apps.append(three)
+    assert three.port is None
+    degraded = three.marker("loopwatch.degraded")
+    assert degraded is not None and "feature=console" in degraded and f"port {first}" in degraded, degraded
+    assert "already in use" in degraded
 
 
 def test_without_aiomonitor_the_console_is_degraded_and_the_rest_works(tmp_path, apps) -> None:

@@ -203,6 +203,27 @@ def test_a_signal_the_application_handles_is_not_taken(tmp_path, apps) -> None:
     assert "APP-HANDLER 2" not in output and len(app.requested()) == 1
 
 
+def test_a_handler_installed_after_loopwatch_turns_requests_off_and_says_so(tmp_path, apps) -> None:
+    # The app takes loopwatch's signal for itself after install: loopwatch notices (its watchdog checks the
+    # signal is still its own), its beacon stops offering the signal, and the command reads the stacks with
+    # py-spy instead of sending a signal the app would take for its own.
+    app = RemoteApp(tmp_path, env={"APP_SIGNAL": "SIGRTMAX-2", "APP_SIGNAL_AFTER": "1"})
+    apps.append(app)
+    (beacon,) = app.dump_dir.glob(f"{BEACON_PREFIX}{app.pid}-*.txt")
+    header = wait_for(lambda: (h := parse_beacon(beacon.read_text())) and h["signal"] is None and h, timeout=8,
+                      what="the beacon to stop offering the signal")
+    assert "another handler replaced loopwatch's for SIGRTMAX-2" in header["note"]
+    warning = app.wait_line("loopwatch.dump_signal_replaced")
+    assert "SIGRTMAX-2" in warning
+    out = run_dump(app.pid)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == f"loopwatch in pid {app.pid} takes no dump requests: py-spy dump"
+    assert "another handler replaced" in out.stderr
+    assert app.marker("APP-HANDLER") is None  # nothing was sent to it
+    assert not app.requested()
+    app.stop()
+
+
 def test_a_forked_worker_answers_for_itself(tmp_path, apps) -> None:
     # loopwatch installed in a parent that runs no loop (a --preload master), a forked worker runs the loop:
     # each process has its own beacon and handler, and each answers for itself.

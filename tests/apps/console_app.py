@@ -3,7 +3,7 @@
 It installs loopwatch with the ``NAME=VALUE`` options (``console=...`` among them; no exporter, thresholds
 0.3/1/10 s, no dump cooldown), watches a thread pool (``work``) and a Redis connection pool (``cache``, the
 real Redis on 127.0.0.1:6379), and prints ``READY <pid> <console port or none>`` once the console listens (or
-after 10 s without one), then ``TASK-FACTORY <the loop's task factory>``.  Then it waits on a healthy loop for
+could not start, or after 10 s), then ``TASK-FACTORY <the loop's task factory>``.  Then it waits on a healthy loop for
 the test to create a file in CONTROL_DIR: ``sleep-S`` (``time.sleep(S)`` on the loop, SLEEP-LINE, between
 ``SLEEP-START`` and ``SLEEP-END``), ``regex`` (holds the GIL about ``REGEX_SECONDS``, REGEX-LINE), ``stop``
 (uninstall, ``UNINSTALLED``, exit).  ``HIDE_AIOMONITOR=1``: aiomonitor cannot be imported, as if not installed.
@@ -51,7 +51,8 @@ async def main() -> None:
     client = redis.asyncio.Redis(connection_pool=cache)
     await client.ping()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (agent.console is None or agent.console.port is None):
+    while time.monotonic() < deadline and agent.console is not None and agent.console.port is None \
+            and agent.console.failed is None:
         await asyncio.sleep(0.05)
     port = agent.console.port if agent.console is not None else None
     emit_line(f"READY {os.getpid()} {port or 'none'}")

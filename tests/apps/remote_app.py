@@ -11,7 +11,7 @@ test to create a file in CONTROL_DIR:
 * ``stop`` -- uninstalls loopwatch (``UNINSTALLED``) and exits.
 
 With ``APP_SIGNAL=<name>`` (``SIGUSR2``, ``SIGRTMAX-2``...) it installs its own handler for that signal before
-loopwatch, which prints ``APP-HANDLER <count>`` each time it runs.
+loopwatch (after it with ``APP_SIGNAL_AFTER=1``), which prints ``APP-HANDLER <count>`` each time it runs.
 """
 
 from __future__ import annotations
@@ -55,10 +55,13 @@ def match_order_id(text: str) -> bool:
 
 
 async def main() -> None:
-    if os.environ.get("APP_SIGNAL"):
+    after = os.environ.get("APP_SIGNAL_AFTER") == "1"
+    if os.environ.get("APP_SIGNAL") and not after:
         signal.signal(app_signal(os.environ["APP_SIGNAL"]), on_signal)
     agent = loopwatch.install(metrics_port=0, dump_dir=DUMP_DIR, lag_thresholds=(0.3, 1.0, 10.0), dump_cooldown=0,
                               **OPTIONS)
+    if os.environ.get("APP_SIGNAL") and after:
+        signal.signal(app_signal(os.environ["APP_SIGNAL"]), on_signal)
     emit_line(f"READY {os.getpid()} {agent.requests.signal or 'off'}")
     while True:
         await asyncio.sleep(0.05)
