@@ -796,6 +796,14 @@ def _report_dump(pid: int, name: str, path: Path, dump: dict[str, Any], out: _Ou
              stall_seconds=stall, kind=dump.get("kind"), source=dump.get("source"), note=dump.get("note"))
 
 
+def _pyspy_reason(message: str) -> str:
+    """py-spy's error in one line: its ``Error:`` line and the first cause, not its backtrace."""
+    lines = [line.strip() for line in message.split("Stack backtrace:")[0].splitlines() if line.strip()]
+    error = next((line for line in lines if line.startswith("Error")), lines[0] if lines else "")
+    cause = next((line.split(":", 1)[1].strip() for line in lines if re.match(r"^\d+: ", line)), "")
+    return f"{error} ({cause})" if cause and cause not in error else error
+
+
 def _pyspy(pid: int, binary: str | None, why: str, headline: str, out: _Output) -> int:
     import subprocess
 
@@ -820,7 +828,7 @@ def _pyspy(pid: int, binary: str | None, why: str, headline: str, out: _Output) 
         raise CommandError(f"cannot run py-spy ({binary}): {exc}") from None
     if proc.returncode != 0:
         message = (proc.stderr or proc.stdout).strip()
-        last = message.splitlines()[-1] if message else f"exit status {proc.returncode}"
+        last = _pyspy_reason(message) or f"exit status {proc.returncode}"
         if any(word in message for word in ("ermission", "not permitted", "EPERM", "ptrace")):
             raise CommandError(f"py-spy is not permitted to read pid {pid} ({last}): run as root, or as its user "
                                f"with CAP_SYS_PTRACE or kernel.yama.ptrace_scope=0")
