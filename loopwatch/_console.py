@@ -105,6 +105,7 @@ class Console(Component):
         self._monitor: Any = None
         self._probe: Any = None  # the loop the monitor watches
         self._starter: threading.Thread | None = None
+        self._closer: threading.Thread | None = None
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # aiomonitor's, for our consoles
         self._stopping = False
         self.port: int | None = None
@@ -162,12 +163,17 @@ class Console(Component):
                 return
             self._probe = None
             monitor, self._monitor = self._monitor, None
-        if monitor is not None:
-            threading.Thread(target=self._close, args=(monitor,), name="loopwatch-console-stop",
-                             daemon=True).start()
+            self.port = self.webui_port = None
+            if monitor is not None:  # closed off this thread; the next console waits for it (same port)
+                self._closer = threading.Thread(target=self._close, args=(monitor,), name="loopwatch-console-stop",
+                                                daemon=True)
+                self._closer.start()
 
     # -- starting and stopping ---------------------------------------------------------------------
     def _open(self, probe: Any) -> None:
+        closer = self._closer
+        if closer is not None:
+            closer.join(STOP_TIMEOUT)  # the previous loop's console lets its port go first
         try:
             monitor = self._new_monitor(probe)
         except Exception as exc:  # noqa: BLE001 - the console is optional: degrade, never raise
@@ -253,7 +259,7 @@ class Console(Component):
         parent's ports are not held by the child.  The child starts its own console when its loop starts."""
         monitor, self._monitor = self._monitor, None
         self._probe = None
-        self._starter = None
+        self._starter = self._closer = None
         self.port = self.webui_port = None
         if monitor is None:
             return

@@ -398,3 +398,19 @@ def test_console_off_costs_no_import_and_no_thread(tmp_path, registry) -> None:
         assert not [t for t in threading.enumerate() if "console" in t.name]
     finally:
         loopwatch.uninstall()
+
+
+def test_the_next_loop_gets_the_console_on_the_same_port(tmp_path, apps, clients) -> None:
+    # asyncio.run() twice (a CLI that runs several loops): the first loop's console closes with it and lets
+    # its port go, and the next loop's console takes the same port.
+    port = port_range(1)[0]
+    app = App("console_reruns", str(tmp_path / "dumps"), str(port), env={"APP_LOGS": "logging"})
+    apps.append(app)
+    for n in (1, 2):
+        assert app.wait_line(f"CONSOLE {n} ", timeout=60) == f"CONSOLE {n} {port} None"
+        client = Telnet(port)
+        clients.append(client)
+        assert re.search(r"^main\s+MainThread\s+yes\s", client.run("lw-lag"), re.M)
+        (tmp_path / f"next-{n}").touch()
+    assert "DONE" in app.finish(timeout=30)
+    assert not _connectable(port)
