@@ -1618,6 +1618,8 @@ static volatile sig_atomic_t req_has_walk;
 static _Atomic int64_t req_at;         /* CLOCK_MONOTONIC ns of the last request */
 static _Atomic long req_count;         /* requests received */
 static _Atomic long req_walked;        /* the request count when the loop thread last wrote its stack */
+static int64_t req_walked_at;          /* ns; only the loop thread writes it (in the handler) */
+#define REQUEST_WALK_GAP 100000000LL   /* ns: at most 10 stacks a second, however many requests arrive */
 
 static void
 chain_to(const struct sigaction *previous, int signum, siginfo_t *info, void *context)
@@ -1653,7 +1655,9 @@ request_handler(int signum, siginfo_t *info, void *context)
             }
         }
         if (req_has_walk && target != 0 && self == target) {
-            if (gated_walk(&req_walk, signum, info, context)) {
+            int64_t now = mono_ns();
+            if (now - req_walked_at >= REQUEST_WALK_GAP && gated_walk(&req_walk, signum, info, context)) {
+                req_walked_at = now;  /* a flood of requests mid-stall writes a bounded number of stacks */
                 atomic_store(&req_walked, count);
             }
         }

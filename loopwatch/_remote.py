@@ -344,10 +344,10 @@ class DumpRequests(Component):
             self._replaced_by_another()
         if count == self._handled:
             return None
-        self._handled = count
+        previous, self._handled = self._handled, count
         self._drain()
-        try:
-            return self.answer(at, walked == count, now)
+        try:  # the requests since the last answer get one dump; the loop thread wrote a stack for one of them?
+            return self.answer(at, walked > previous, now)
         except Exception as exc:  # noqa: BLE001 - the watchdog thread must go on
             self.report("dump", exc)
             return None

@@ -172,6 +172,34 @@ def test_mid_stall_holding_the_gil_the_loop_thread_names_the_line_at_once(tmp_pa
     app.stop()
 
 
+def test_a_flood_of_requests_mid_stall_is_bounded(tmp_path, apps) -> None:
+    # 300 requests while a C call holds the GIL: the loop thread writes at most ~10 stacks a second, and the
+    # requests pending when the watchdog can run again are answered by one dump.
+    app = RemoteApp(tmp_path, env={"REGEX_SECONDS": "3"})
+    apps.append(app)
+    (beacon,) = app.dump_dir.glob(f"{BEACON_PREFIX}{app.pid}-*.txt")
+    app.order("regex")
+    start = float(app.wait_line("REGEX-START").split()[1])
+    time.sleep(0.3)
+    sent = time.time()
+    for _ in range(300):
+        os.kill(app.pid, int(app.signal))
+        time.sleep(0.002)
+    stacks = beacon.read_text().count("Stack (most recent call first):")
+    elapsed = time.time() - sent
+    end = float(app.wait_line("REGEX-END", timeout=60).split()[1])
+    assert time.time() < end + 5 and sent + elapsed < end, "the flood was sent during the stall"
+    assert 1 <= stacks <= elapsed * 10 + 2, (stacks, elapsed)
+    wait_for(app.requested, timeout=10, what="the requested dump")
+    time.sleep(1.0)
+    (path,) = app.requested()
+    dump = json.loads(path.read_text())
+    assert dump["source"] == "faulthandler" and dump["culprit"]["lineno"] == REGEX_LINE
+    assert end - start > 1.0
+    assert "REGEX" not in beacon.read_text().split("\n", 1)[1], "the beacon was emptied when answered"
+    app.stop()
+
+
 def test_the_applications_own_handler_is_chained(tmp_path, apps) -> None:
     # The app handles SIGUSR2 itself and asks loopwatch to use it too: each request runs both, once.
     app = RemoteApp(tmp_path, "dump_signal=SIGUSR2", env={"APP_SIGNAL": "SIGUSR2"})
