@@ -67,6 +67,10 @@ def install(
     metrics_client_cafile: str | os.PathLike[str] | None = None,
     metrics_client_capath: str | os.PathLike[str] | None = None,
     metrics_client_auth_required: bool | None = None,
+    dump_signal: int | str | None = None,
+    console: bool | int | str | tuple[int, int] | None = None,
+    console_addr: str | None = None,
+    console_task_factory: bool | None = None,
 ) -> Agent:
     """Install the agent (idempotent) and return it.
 

@@ -1,6 +1,7 @@
 """``loopwatch`` (the console script) and ``python -m loopwatch``: the operator's tools around the agent.
 
     loopwatch run [OPTIONS] -- COMMAND...   install loopwatch in COMMAND's Python processes, no code change
+    loopwatch dump PID                      make a running process write a dump now (py-spy without loopwatch)
     loopwatch dumps DIR...                  the stalls in dump directories, grouped by culprit
     loopwatch report DIR... -o FILE.html    one self-contained incident page
     loopwatch dashboards [--namespace NS] [--out DIR]
@@ -24,7 +25,7 @@ from ._config import resolve
 from ._dashboards import DEFAULT_NAMESPACE, RUNBOOK, render
 from ._errors import ConfigError
 
-COMMAND_MODULES = ("_run", "_incidents")  # run; dumps and report
+COMMAND_MODULES = ("_run", "_remote", "_incidents")  # run; dump; dumps and report
 
 
 def _dashboards(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

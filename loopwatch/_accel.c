@@ -1397,10 +1397,13 @@ guard_on_top(int signum)
         && current.sa_sigaction == guard_handler;
 }
 
+static int guard_users;  /* the stack signal and the request signal: each needs the guard */
+
 static int
 guard_install(void)
 {
     if (guard_installed) {
+        guard_users++;
         return 0;
     }
     struct sigaction action;
@@ -1416,6 +1419,7 @@ guard_install(void)
         return -1;
     }
     guard_installed = 1;
+    guard_users = 1;
     return 0;
 }
 
@@ -1424,6 +1428,9 @@ guard_remove(void)
 {
     /* Put the previous handlers back only where ours is still on top: a handler installed after ours
      * (which may chain to ours: guard_handler then just passes the fault on) is left alone. */
+    if (guard_installed && --guard_users > 0) {
+        return;  /* the other signal still walks under it */
+    }
     if (guard_installed) {
         if (guard_on_top(SIGSEGV)) {
             sigaction(SIGSEGV, &guard_previous_segv, NULL);
@@ -1466,42 +1473,59 @@ holds_the_gil(PyThreadState *mine)
     return mine != NULL && current == mine;
 }
 
+/* The walk itself: `walk` (faulthandler's handler for `signum`) writes the interrupted thread's Python stack,
+ * if that thread holds the GIL, is in a C call (the interrupted instruction is outside the bytecode
+ * interpreter), the guard is on top, and no walk is in progress (a second signal landing in the first's
+ * handler).  Returns 1 if it walked. */
+static int
+gated_walk(const struct sigaction *walk, int signum, siginfo_t *info, void *context)
+{
+    if (walking) {
+        return 0;
+    }
+    PyThreadState *mine = PyGILState_GetThisThreadState();
+    if (!holds_the_gil(mine)) {
+        return 0;
+    }
+    uintptr_t pc = interrupted_pc(context);
+    if (pc == 0 || (pc >= eval_start && pc < eval_end)) {
+        return 0;
+    }
+    if (!guard_on_top(SIGSEGV) || !guard_on_top(SIGBUS)) {
+        stack_refused++;  /* someone replaced the guard: no walk without it */
+        return 0;
+    }
+    int walked = 0;
+    if (sigsetjmp(walk_env, 1) == 0) {
+        walking_thread = pthread_self();
+        walking = 1;
+        if (walk->sa_flags & SA_SIGINFO) {
+            walk->sa_sigaction(signum, info, context);
+            walked = 1;
+        }
+        else if (walk->sa_handler != SIG_DFL && walk->sa_handler != SIG_IGN) {
+            walk->sa_handler(signum);
+            walked = 1;
+        }
+        walking = 0;
+    }
+    return walked;
+}
+
 static void
 stack_handler(int signum, siginfo_t *info, void *context)
 {
     int saved = errno;
     if (stack_on) {
-        PyThreadState *mine = PyGILState_GetThisThreadState();
-        if (holds_the_gil(mine)) {
-            uintptr_t pc = interrupted_pc(context);
-            if (pc != 0 && (pc < eval_start || pc >= eval_end)) {  /* faulthandler's own handler writes it */
-                if (!guard_on_top(SIGSEGV) || !guard_on_top(SIGBUS)) {
-                    stack_refused++;  /* someone replaced the guard: no walk without it */
-                }
-                else if (sigsetjmp(walk_env, 1) == 0) {
-                    walking_thread = pthread_self();
-                    walking = 1;
-                    if (stack_previous.sa_flags & SA_SIGINFO) {
-                        stack_previous.sa_sigaction(signum, info, context);
-                    }
-                    else if (stack_previous.sa_handler != SIG_DFL && stack_previous.sa_handler != SIG_IGN) {
-                        stack_previous.sa_handler(signum);
-                    }
-                    walking = 0;
-                }
-            }
-        }
+        gated_walk(&stack_previous, signum, info, context);  /* faulthandler's own handler writes it */
     }
     errno = saved;
 }
 
-static PyObject *
-accel_stack_signal(PyObject *module, PyObject *args)
+/* Locate the bytecode interpreter's code (see above); 0 if it works here, else -1 with an exception set. */
+static int
+locate_eval(void)
 {
-    int signum;
-    if (!PyArg_ParseTuple(args, "i", &signum)) {
-        return NULL;
-    }
     if (eval_end == 0) {
         void *eval = dlsym(RTLD_DEFAULT, "_PyEval_EvalFrameDefault");
         Dl_info where;
@@ -1514,10 +1538,23 @@ accel_stack_signal(PyObject *module, PyObject *args)
     }
 #if !defined(__x86_64__) && !defined(__aarch64__)
     PyErr_SetString(PyExc_RuntimeError, "the interrupted instruction cannot be read on this architecture");
-    return NULL;
+    return -1;
 #endif
     if (eval_end == 0) {
         PyErr_SetString(PyExc_RuntimeError, "the bytecode interpreter's code (_PyEval_EvalFrameDefault) cannot be located");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+accel_stack_signal(PyObject *module, PyObject *args)
+{
+    int signum;
+    if (!PyArg_ParseTuple(args, "i", &signum)) {
+        return NULL;
+    }
+    if (locate_eval() < 0) {
         return NULL;
     }
     if (stack_signum != 0) {
@@ -1549,9 +1586,208 @@ accel_stack_signal_off(PyObject *module, PyObject *Py_UNUSED(ignored))
     if (stack_signum != 0) {
         sigaction(stack_signum, &stack_previous, NULL);
         stack_signum = 0;
+        guard_remove();
     }
-    guard_remove();
     Py_RETURN_NONE;
+}
+
+/* The dump-request signal (``loopwatch dump PID``, see _remote).  request_signal(signum, poke_fd) installs
+ * request_handler for signum, chaining to the handler that was there (the application's, if any);
+ * request_walk() puts it back on top of faulthandler.register(signum, file=<the agent's request file>), whose
+ * handler becomes the walk; request_target(native_id) names the owner loop's thread; request_state() reads
+ * (requests so far, when the last one arrived, the request the loop thread last wrote its stack for, whether
+ * our handler is still the installed one);
+ * request_signal_off() puts the previous handler back if ours is still on top.
+ *
+ * A request (a signal from another process, kill(2)) lands on any thread.  The handler -- async-signal-safe:
+ * atomics, write(2), tgkill(2) -- stamps it, writes one byte to the watchdog's request pipe (the watchdog
+ * writes the dump as soon as it runs), and forwards the signal to the owner loop's thread.  There, if that
+ * thread holds the GIL in a C call (a stall no Python thread can see: a regex, a huge json.dumps), the gated
+ * walk writes its own stack to the request file at once: the watchdog, which runs only when the GIL is
+ * released, turns that stack into the dump.  A forwarded signal (SI_TKILL from this process) only walks;
+ * the application's handler is called once per request, for the original signal. */
+#include <sys/syscall.h>
+
+static volatile sig_atomic_t req_on;
+static int req_signum;
+static int req_poke_fd = -1;
+static volatile pid_t req_target;      /* the owner loop's thread (native id); 0: none */
+static struct sigaction req_chain;     /* what was installed before loopwatch: called for each request */
+static struct sigaction req_walk;      /* faulthandler's handler for the signal: writes this thread's stack */
+static volatile sig_atomic_t req_has_walk;
+static _Atomic int64_t req_at;         /* CLOCK_MONOTONIC ns of the last request */
+static _Atomic long req_count;         /* requests received */
+static _Atomic long req_walked;        /* the request count when the loop thread last wrote its stack */
+static int64_t req_walked_at;          /* ns; only the loop thread writes it (in the handler) */
+#define REQUEST_WALK_GAP 100000000LL   /* ns: at most 10 stacks a second, however many requests arrive */
+
+static void
+chain_to(const struct sigaction *previous, int signum, siginfo_t *info, void *context)
+{
+    if (previous->sa_flags & SA_SIGINFO) {
+        if (previous->sa_sigaction != NULL) {
+            previous->sa_sigaction(signum, info, context);
+        }
+    }
+    else if (previous->sa_handler != SIG_DFL && previous->sa_handler != SIG_IGN && previous->sa_handler != NULL) {
+        previous->sa_handler(signum);  /* a default action is not re-raised: a request never kills */
+    }
+}
+
+static void
+request_handler(int signum, siginfo_t *info, void *context)
+{
+    int saved = errno;
+    pid_t self = (pid_t)syscall(SYS_gettid);
+    int forwarded = info != NULL && info->si_code == SI_TKILL && info->si_pid == getpid();
+    if (req_on) {
+        pid_t target = req_target;
+        long count = atomic_load(&req_count);
+        if (!forwarded) {
+            atomic_store(&req_at, mono_ns());
+            count = atomic_fetch_add(&req_count, 1) + 1;
+            if (req_poke_fd >= 0) {
+                ssize_t n = write(req_poke_fd, "r", 1);
+                (void)n;  /* the pipe is full: the watchdog is already woken */
+            }
+            if (target != 0 && target != self) {
+                syscall(SYS_tgkill, getpid(), target, signum);
+            }
+        }
+        if (req_has_walk && target != 0 && self == target) {
+            int64_t now = mono_ns();
+            if (now - req_walked_at >= REQUEST_WALK_GAP && gated_walk(&req_walk, signum, info, context)) {
+                req_walked_at = now;  /* a flood of requests mid-stall writes a bounded number of stacks */
+                atomic_store(&req_walked, count);
+            }
+        }
+    }
+    if (!forwarded) {
+        chain_to(&req_chain, signum, info, context);
+    }
+    errno = saved;
+}
+
+static int
+request_on_top(void)
+{
+    struct sigaction current;
+    return req_signum != 0 && sigaction(req_signum, NULL, &current) == 0 && (current.sa_flags & SA_SIGINFO)
+        && current.sa_sigaction == request_handler;
+}
+
+static PyObject *
+accel_request_signal(PyObject *module, PyObject *args)
+{
+    int signum, poke_fd;
+    if (!PyArg_ParseTuple(args, "ii", &signum, &poke_fd)) {
+        return NULL;
+    }
+    if (req_signum != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "a request signal is already registered");
+        return NULL;
+    }
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_sigaction = request_handler;
+    action.sa_flags = SA_RESTART | SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    req_poke_fd = poke_fd;
+    req_has_walk = 0;
+    req_target = 0;
+    if (sigaction(signum, &action, &req_chain) != 0) {
+        req_poke_fd = -1;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    req_signum = signum;
+    req_on = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+accel_request_walk(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    if (req_signum == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "no request signal is registered");
+        return NULL;
+    }
+    if (locate_eval() < 0) {
+        return NULL;
+    }
+    if (guard_install() != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_sigaction = request_handler;
+    action.sa_flags = SA_RESTART | SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    if (sigaction(req_signum, &action, &req_walk) != 0) {
+        PyObject *error = PyErr_SetFromErrno(PyExc_OSError);
+        guard_remove();
+        return error;
+    }
+    req_has_walk = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+accel_request_target(PyObject *module, PyObject *arg)
+{
+    long tid = PyLong_AsLong(arg);
+    if (tid == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    req_target = (pid_t)tid;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+accel_request_state(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(ldlN)", atomic_load(&req_count), atomic_load(&req_at) / 1e9, atomic_load(&req_walked),
+                         PyBool_FromLong(request_on_top()));
+}
+
+/* request_signal_off(): stop answering; put the previous handler back if ours is on top.  Returns True if
+ * it did, False if another handler had replaced ours (left alone: ours, if that one chains to it, only
+ * chains on).  In both cases the walk is forgotten; the caller unregisters faulthandler's handler first. */
+static PyObject *
+accel_request_signal_off(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    int restored = 0;
+    req_on = 0;
+    if (req_signum != 0) {
+        if (request_on_top()) {
+            sigaction(req_signum, &req_chain, NULL);
+            restored = 1;
+        }
+        if (req_has_walk) {
+            req_has_walk = 0;
+            guard_remove();
+        }
+        req_signum = 0;
+    }
+    req_target = 0;
+    req_poke_fd = -1;
+    return PyBool_FromLong(restored);
+}
+
+/* signal_free(signum): True if the signal's disposition is the default one --
+ * nothing (Python code, faulthandler, a C library) handles it. */
+static PyObject *
+accel_signal_free(PyObject *module, PyObject *args)
+{
+    int signum;
+    if (!PyArg_ParseTuple(args, "i", &signum)) {
+        return NULL;
+    }
+    struct sigaction current;
+    if (sigaction(signum, NULL, &current) != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int free_ = !(current.sa_flags & SA_SIGINFO) && current.sa_handler == SIG_DFL;
+    return PyBool_FromLong(free_);
 }
 
 /* stack_guard(): (guard installed and on top for SIGSEGV and SIGBUS, walks cut short by a fault, walks
@@ -1591,6 +1827,17 @@ static PyMethodDef module_methods[] = {
     {"stack_signal", accel_stack_signal, METH_VARARGS,
      "stack_signal(signum): gate signum's handler (faulthandler's): it runs only if this thread is parked in a C call holding the GIL"},
     {"stack_signal_off", accel_stack_signal_off, METH_NOARGS, "restore the signal's previous handler"},
+    {"request_signal", accel_request_signal, METH_VARARGS,
+     "request_signal(signum, poke_fd): answer dump requests on signum (chains to the previous handler)"},
+    {"request_walk", accel_request_walk, METH_NOARGS,
+     "put the request handler back on top of faulthandler's for the signal: the loop thread writes its stack"},
+    {"request_target", accel_request_target, METH_O, "request_target(native_id): the owner loop's thread (0: none)"},
+    {"request_state", accel_request_state, METH_NOARGS,
+     "(requests received, monotonic s of the last, the request count the loop thread last wrote its stack for, "
+     "our handler is on top)"},
+    {"request_signal_off", accel_request_signal_off, METH_NOARGS,
+     "stop answering; restore the previous handler if ours is on top (True if so)"},
+    {"signal_free", accel_signal_free, METH_VARARGS, "signal_free(signum): nothing handles it (default disposition)"},
     {"stack_guard", accel_stack_guard, METH_NOARGS, "(guard on top, walks cut short by a fault, walks refused)"},
     {"stack_guard_probe", accel_stack_guard_probe, METH_NOARGS, "fault on purpose under the guard: True if caught"},
     {"monotonic", accel_monotonic, METH_NOARGS, "CLOCK_MONOTONIC in seconds (time.monotonic())"},

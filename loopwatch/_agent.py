@@ -21,6 +21,7 @@ from . import _fork, _forksafe, _frames
 from . import _unpatched as _os
 from ._component import Component, Naming, weak
 from ._config import Options, tls_context
+from ._console import Console, ConsoleView
 from ._dumps import Dumps, safe_reason
 from ._errors import ConfigError
 from ._executors import Executors
@@ -35,6 +36,7 @@ from ._log import Degraded, Guard, emit
 from ._metrics import AgentUp, Errors, LoopLag
 from ._pools import Pools
 from ._probe import LoopProbe, Loops, virtual_clock
+from ._remote import DumpRequests
 from ._slow import IterationTimer, SlowCallback, SlowCallbackMetrics
 from ._tasks import TaskHealth
 from ._threads import ThreadCpu
@@ -106,22 +108,32 @@ class Agent:
                                    native_stacks=options.native_stacks, busy_since=loops.stall_of, clock=clock,
                                    report=report, degrade=self._degrade)
         self.writer = dumps.writer
+        explicit_signal = options.dump_signal if isinstance(options.dump_signal, int) else None
         self.fallback = FaulthandlerFallback(
             options.dump_dir, service=options.service, enabled=lambda: options.faulthandler and dumps.enabled,
             first_look=SAMPLE_AT * options.dump_threshold, clock=clock, report=report, count=self.errors.count,
-            degrade=self._degrade)
-        self.exporter = MetricsEndpoint(options.metrics_addr, options.metrics_ports, options.metrics_port_text,
-                                        options.registry, report=report, count=self.errors.count,
-                                        degrade=self._degrade, tls=_tls(options)) if options.metrics_port else None
+            degrade=self._degrade, avoid=frozenset({explicit_signal} if explicit_signal else ()))
+        self.exporter = exporter = MetricsEndpoint(
+            options.metrics_addr, options.metrics_ports, options.metrics_port_text, options.registry, report=report,
+            count=self.errors.count, degrade=self._degrade, tls=_tls(options)) if options.metrics_port else None
+        self.requests = DumpRequests(  # ``loopwatch dump PID``
+            options.dump_dir, dump_signal=options.dump_signal, walk=options.faulthandler, service=options.service,
+            enabled=lambda: dumps.enabled, loops=loops, lag_of=loops.lag_of, build=dumps.build,
+            write=dumps.write_or_raise, metrics_url=lambda: exporter.url if exporter is not None else None,
+            clock=clock, report=report, degrade=self._degrade)
         self.watchdog = Watchdog(options=options, probes=loops, count_spike=self.lag.count_spike,
                                  writer=self.writer, guard=self.guard, slow=self.slow, build_dump=dumps.build,
-                                 write_dump=dumps.write, update_dump=dumps.update, detach=weak(self.detach), gilheld=self.fallback.for_probe,
-                                 gc=self.gc, accelerated=self.accelerated, clock=clock)
+                                 write_dump=dumps.write, update_dump=dumps.update, detach=weak(self.detach),
+                                 gilheld=self.fallback.for_probe, gc=self.gc, accelerated=self.accelerated,
+                                 requests=self.requests, clock=clock)
+        self.console = Console(ports=options.console_ports, addr=options.console_addr,
+                               task_factory=options.console_task_factory, view=self._console_view(),
+                               report=report, degrade=self._degrade) if options.console else None
         # Start order (stop is the reverse); registry order too: errors_total last, so a scrape counts
         # the failures of that very scrape.
         parts: tuple[Component, ...] = tuple(c for c in (
             self.lag, self.slow_metrics, self.task_health, self.threads, self.executors, self.pools, dumps,
-            self.fallback, self.exporter, self.watchdog, self.gil) if c is not None)
+            self.fallback, self.exporter, self.requests, self.watchdog, self.gil, self.console) if c is not None)
         self.up = AgentUp(naming, lambda: parts, report=report)
         self.components: tuple[Component, ...] = (*parts, self.up, self.errors)
         self._hooks = LoopHooks(self._on_loop_start, self._on_loop_stop, self._on_loop_close,
@@ -255,9 +267,13 @@ class Agent:
             if getattr(probe.activity, "parkable", False):
                 probe.activity.set_park(self.watchdog.park)
             self.fallback.attach(probe)
+            self.requests.attach(probe)
             self.loops.probes = (*self.loops.probes, probe)
         probe.start()
         self._arm_fallback(probe)
+        if self.console is not None:
+            with self.guard("console"):
+                self.console.attach(probe)
         if self.task_health is not None:
             with self.guard("hooks"):
                 if known_loop_method(loop, "call_exception_handler"):
@@ -311,6 +327,9 @@ class Agent:
         if probe.activity is not None:
             probe.activity.uninstall()
         self.fallback.detach(probe)
+        self.requests.detach(probe)
+        if self.console is not None:
+            self.console.detach(probe)
 
     def _activity_for(self, loop: asyncio.AbstractEventLoop, probe: LoopProbe) -> Any:
         """The loop's iteration clock: its selector's (stdlib), libuv's (uvloop, with the accelerator), or
@@ -369,8 +388,8 @@ class Agent:
         self.watchdog.poke()
 
     def _on_loop_start(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.started:
-            self.attach(loop)
+        if self.started and not (self.console is not None and self.console.owns_current_thread()):
+            self.attach(loop)  # not the console's own loop: it is loopwatch's, not the application's
 
     def _on_loop_stop(self, loop: asyncio.AbstractEventLoop) -> None:
         for probe in self.loops.probes:
@@ -406,6 +425,18 @@ class Agent:
                                 loop_stack=loop_stack, threads=threads, tasks=tasks, source="manual")
         return self.dumps.write_or_raise(dump)
 
+    def _console_view(self) -> ConsoleView:
+        """What the console's commands read (none of it holds the agent)."""
+        parts = {"threads": (self.threads, self.gil), "executors": (self.executors,), "pools": (self.pools,)}
+
+        def figures(name: str) -> list[Any]:
+            return [family for part in parts[name] if part is not None for family in part.collect()]
+
+        watchdog, requests = self.watchdog, self.requests
+        return ConsoleView(snapshot=weak(self.snapshot), threshold=self.options.dump_threshold,
+                           in_progress=watchdog.in_progress, recent=lambda: tuple(watchdog.recent),
+                           dump_now=lambda: requests.dump_now("console"), figures=figures, clock=self._clock)
+
     # -- inspection ------------------------------------------------------------------------------
     @property
     def metrics_url(self) -> str | None:
@@ -414,8 +445,8 @@ class Agent:
 
     def snapshot(self) -> AgentSnapshot:
         now = self._clock()
-        loops = tuple(LoopSnapshot(p.label, p.thread_name, p.running, p.lag(now) if p.running else 0.0,
-                                   p.last_delay) for p in self.loops.probes)
+        loops = tuple(LoopSnapshot(p.label, p.thread_name, p.running, self.loops.lag_of(p, now), p.last_delay)
+                      for p in self.loops.probes)  # the lag as event_loop_lag_seconds has it
         return AgentSnapshot(self.metrics_url, self.options.dump_dir, self.dumps.enabled,
                              tuple(self._degrade.notes), loops, pid=os.getpid())
 

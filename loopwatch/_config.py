@@ -7,8 +7,10 @@ validated here, once, so the rest of the agent can trust :class:`Options`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import signal
 import ssl
 import re
 import sys
@@ -28,6 +30,9 @@ SLOW_CALLBACK_MODES = ("auto", "exact", "off")
 # Features the ``disable`` option switches off: each then exports nothing, patches nothing, runs nothing.
 FEATURES = ("threads", "gil", "executors", "pools", "tasks", "slow_callbacks")
 _FALSE = {"0", "false", "no", "off"}
+# The console: aiomonitor's own default port for its terminal UI (MONITOR_TERMUI_PORT), not imported here.
+CONSOLE_DEFAULT_PORT = 20101
+CONSOLE_DEFAULT_ADDR = "127.0.0.1"
 
 
 def _default_service() -> str:
@@ -71,6 +76,12 @@ class Options:
     metrics_client_cafile: Path | None = None
     metrics_client_capath: Path | None = None
     metrics_client_auth_required: bool = False
+    # ``loopwatch dump PID``: the signal that asks this process for a dump ("auto", "off", or a number).
+    dump_signal: int | str = "auto"
+    # The aiomonitor console: 0 (off), a port, or a range (first, last) for several processes.
+    console: int | tuple[int, int] = 0
+    console_addr: str = CONSOLE_DEFAULT_ADDR
+    console_task_factory: bool = False
 
     def enabled(self, feature: str) -> bool:
         """Whether ``feature`` (one of ``FEATURES``) is on: not named in ``disable``."""
@@ -85,6 +96,14 @@ class Options:
     def metrics_ports(self) -> range:
         """The ports the exporter may bind, in order (empty for ``metrics_port=0``)."""
         port = self.metrics_port
+        if isinstance(port, tuple):
+            return range(port[0], port[1] + 1)
+        return range(port, port + 1) if port else range(0)
+
+    @property
+    def console_ports(self) -> range:
+        """The ports the console may bind, in order (empty when it is off)."""
+        port = self.console
         if isinstance(port, tuple):
             return range(port[0], port[1] + 1)
         return range(port, port + 1) if port else range(0)
@@ -157,6 +176,97 @@ def _metrics_port(value: Any, source: str | None) -> int | tuple[int, int]:
     if not 1 <= first <= last <= 65535:
         raise _fail(name, source, range_what, value)
     return (first, last)
+
+
+def _console(value: Any, source: str | None) -> int | tuple[int, int]:
+    """``False``/``True`` (aiomonitor's port, 20101), a port, or a range ``"20101-20110"`` / ``(20101, 20110)``
+    (one port per process: the first free one).  From the environment ``1/true/yes/on`` and
+    ``0/false/no/off`` read as booleans."""
+    what = "True, False, a port in 1024..65535 or a port range 'FIRST-LAST' (one port per process)"
+    if isinstance(value, bool):
+        return CONSOLE_DEFAULT_PORT if value else 0
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return CONSOLE_DEFAULT_PORT if value.strip().lower() in _TRUE else 0
+    if isinstance(value, int) and value == 0:
+        return 0
+    if isinstance(value, tuple) or (isinstance(value, str) and "-" in value.strip()[1:]):
+        if isinstance(value, str):
+            match = _PORT_RANGE.match(value)
+            if not match:
+                raise _fail("console", source, what, value)
+            first, last = int(match.group(1)), int(match.group(2))
+        elif len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            first, last = value
+        else:
+            raise _fail("console", source, what, value)
+        if not 1024 <= first <= last <= 65535:
+            raise _fail("console", source, what, value)
+        return (first, last)
+    return _integer("console", value, source, low=1024, high=65535, what=what)
+
+
+def _ipv4(name: str, value: Any, source: str | None) -> str:
+    what = "an IPv4 address to bind (aiomonitor's telnet server is IPv4 only), e.g. '127.0.0.1'"
+    if not isinstance(value, str):
+        raise _fail(name, source, what, value)
+    try:
+        return str(ipaddress.IPv4Address(value.strip()))
+    except ValueError:
+        raise _fail(name, source, what, value) from None
+
+
+def signal_choices() -> tuple[int, ...]:
+    """The signals ``dump_signal`` may name: SIGUSR1, SIGUSR2 and the real-time ones."""
+    rt = range(int(signal.SIGRTMIN), int(signal.SIGRTMAX) + 1) if hasattr(signal, "SIGRTMIN") else range(0)
+    return (int(signal.SIGUSR1), int(signal.SIGUSR2), *rt)
+
+
+def signal_name(number: int) -> str:
+    """``SIGUSR1``, ``SIGRTMIN+3``, ``SIGRTMAX-2``: how ``kill -l`` spells a signal."""
+    if hasattr(signal, "SIGRTMIN") and signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+        low, high = int(signal.SIGRTMIN), int(signal.SIGRTMAX)
+        return f"SIGRTMIN+{number - low}" if number - low <= (high - low) // 2 else f"SIGRTMAX-{high - number}"
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+_SIGNAL_NAME = re.compile(r"^(?:SIG)?(USR1|USR2|RTMIN|RTMAX)(?:([+-])(\d+))?$")
+
+
+def _dump_signal(value: Any, source: str | None) -> int | str:
+    """``"auto"`` (a free real-time signal), ``"off"``/``0``/``False``, or a signal by number or name."""
+    low, high = (int(signal.SIGRTMIN), int(signal.SIGRTMAX)) if hasattr(signal, "SIGRTMIN") else (0, 0)
+    what = (f"'auto', 'off' (or 0), or a signal servers leave alone -- SIGUSR1, SIGUSR2 or a real-time signal "
+            f"SIGRTMIN..SIGRTMAX ({low}..{high}) -- by name or number")
+    if value is False:
+        return "off"
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip().upper()
+        if text == "AUTO":
+            return "auto"
+        if text.lower() in _FALSE or text == "NONE":
+            return "off"
+        if text.isdigit():
+            number = int(text)
+        else:
+            match = _SIGNAL_NAME.match(text.replace(" ", ""))
+            if match is not None:
+                base = {"USR1": int(signal.SIGUSR1), "USR2": int(signal.SIGUSR2), "RTMIN": low, "RTMAX": high}
+                number = base[match.group(1)]
+                if match.group(2):
+                    if match.group(1) in ("USR1", "USR2"):
+                        raise _fail("dump_signal", source, what, value)
+                    number += int(match.group(3)) * (1 if match.group(2) == "+" else -1)
+    if number == 0:
+        return "off"
+    if number is None or number not in signal_choices():
+        raise _fail("dump_signal", source, what, value)
+    return number
 
 
 def _thresholds(value: Any, source: str | None) -> tuple[float, ...]:
@@ -249,6 +359,17 @@ def _check_tls(values: dict[str, Any]) -> None:
                           f"not load as a PEM certificate, its private key and CA certificates: {exc}") from None
 
 
+def _check_console(values: dict[str, Any]) -> None:
+    """The console's own options mean nothing while it is off: say so rather than ignore them."""
+    if values.get("console"):
+        return
+    if values.get("console_addr", CONSOLE_DEFAULT_ADDR) != CONSOLE_DEFAULT_ADDR:
+        raise ConfigError(f"console_addr={values['console_addr']!r} is set but console is off: set console=True "
+                          f"(or a port) too")
+    if values.get("console_task_factory"):
+        raise ConfigError("console_task_factory=True is set but console is off: set console=True (or a port) too")
+
+
 def tls_context(certfile: Path, keyfile: Path, cafile: Path | None, capath: Path | None,
                 client_auth_required: bool) -> ssl.SSLContext:
     """The exporter's server-side TLS context, as prometheus_client's ``start_http_server`` builds it from
@@ -319,6 +440,14 @@ def _validate(name: str, value: Any, source: str | None) -> Any:
                        what="seconds between 0.001 and 3600")
     if name == "disable":
         return _features(value, source)
+    if name == "dump_signal":
+        return _dump_signal(value, source)
+    if name == "console":
+        return _console(value, source)
+    if name == "console_addr":
+        return _ipv4(name, value, source)
+    if name == "console_task_factory":
+        return _boolean(name, value, source)
     raise AssertionError(name)  # pragma: no cover - OPTION_NAMES and this function move together
 
 
@@ -337,6 +466,7 @@ def resolve(explicit: Mapping[str, Any], environ: Mapping[str, str] | None = Non
         if name != "registry" and env_name in env:
             values[name] = _validate(name, env[env_name], env_name)
     _check_tls(values)
+    _check_console(values)
     off = values.get("disable", frozenset())  # wins over the feature's own options (an operator's switch)
     if "slow_callbacks" in off:
         values["slow_callback_mode"] = "off"

@@ -32,7 +32,7 @@ from ._series import Counter
 from ._version import __version__
 
 PREFIX = "loopwatch-"
-KNOWN_DUMP_REASONS = ("event_loop_lag", "manual", "unfinished_stall")
+KNOWN_DUMP_REASONS = ("event_loop_lag", "manual", "requested", "unfinished_stall")
 MAX_DUMP_REASONS = 16
 _REASON = re.compile(r"[^a-z0-9_]+")
 

@@ -134,12 +134,16 @@ def split_stacks(text: str) -> list[str]:
     return [STACK_HEADER + part for part in parts[1:] if part.strip()]
 
 
-def _free_signal() -> int | None:
-    """A real-time signal nobody handles (not one servers use: gunicorn takes USR1/USR2/HUP/TTIN/TTOU)."""
+def _free_signal(avoid: frozenset[int] = frozenset()) -> int | None:
+    """A real-time signal nobody handles (not one servers use: gunicorn takes USR1/USR2/HUP/TTIN/TTOU), from
+    SIGRTMAX-3 down; SIGRTMAX-2..SIGRTMAX are left to the dump requests (``_remote``), and ``avoid`` (an
+    explicit ``dump_signal``) is skipped too."""
     rtmax = getattr(signal, "SIGRTMAX", None)
     if rtmax is None:
         return None
     for number in range(int(rtmax) - 3, int(rtmax) - 9, -1):
+        if number in avoid:
+            continue
         try:
             if signal.getsignal(number) == signal.SIG_DFL:
                 return number
@@ -151,7 +155,9 @@ def _free_signal() -> int | None:
 class GilHeldStacks:
     """Owns the in-flight file, the signal handler and the owner loop's timer (see the module docstring)."""
 
-    def __init__(self, directory: Path, *, pid: int, created_ms: int, service: str) -> None:
+    def __init__(self, directory: Path, *, pid: int, created_ms: int, service: str,
+                 avoid: frozenset[int] = frozenset()) -> None:
+        self._avoid = avoid  # signals the fallback must not take (an explicit dump_signal)
         self._host = host_id()
         self.path = directory / inflight_name(pid, created_ms, self._host)
         self._pid = pid
@@ -173,7 +179,7 @@ class GilHeldStacks:
         if _accel is None or not hasattr(_accel, "stack_signal"):
             return "the C accelerator is not built: its signal handler is what makes the fallback safe"
         api = _timer_api()
-        number = _free_signal()
+        number = _free_signal(self._avoid)
         if api is None or number is None:
             return "no POSIX timer with SIGEV_THREAD_ID or no free real-time signal on this platform"
         self._fd = _create_private(self.path)
@@ -383,8 +389,9 @@ class FaulthandlerFallback(Component):
 
     def __init__(self, directory: Path, *, service: str, enabled: Callable[[], bool], first_look: float,
                  clock: Callable[[], float], report: Report, count: Callable[[str], None],
-                 degrade: Degrade) -> None:
+                 degrade: Degrade, avoid: frozenset[int] = frozenset()) -> None:
         super().__init__(report=report)
+        self._avoid = avoid
         self.directory = directory
         self._service = service
         self._enabled = enabled  # the ``faulthandler`` option, and dumps can be written; else leftovers only
@@ -410,7 +417,8 @@ class FaulthandlerFallback(Component):
             return
         try:
             created_ms = int(psutil.Process().create_time() * 1000)
-            stacks = GilHeldStacks(self.directory, pid=os.getpid(), created_ms=created_ms, service=self._service)
+            stacks = GilHeldStacks(self.directory, pid=os.getpid(), created_ms=created_ms, service=self._service,
+                                   avoid=self._avoid)
             why = stacks.open()
         except (OSError, psutil.Error, ValueError, RuntimeError) as exc:
             self._count("faulthandler")

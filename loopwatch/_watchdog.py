@@ -16,6 +16,10 @@ cross it sooner), so it looks at a stall exactly when it crosses each threshold:
 * when the stretch ends, the clock reports it with its exact start and end: the ``loopwatch.stall`` event
   has its real duration.
 
+Dump requests from outside (``loopwatch dump PID``, see ``_remote``) wake it through a pipe it also sleeps
+on; it answers them (``DumpRequests.serve``) before each look.  For the console it keeps the last
+``RECENT_STALLS`` stalls that ended (``recent``) and lists the ones going on (``in_progress``).
+
 A stall that holds the GIL stops the watchdog too; the kernel timer of ``_gilheld`` then makes the loop
 thread write its own stack, and the watchdog turns it into the dump as soon as it runs again.  A look
 much later than planned means the watchdog was starved (the GIL held, the process paused): a stack taken
@@ -24,6 +28,7 @@ then would show whatever runs after the blocking call, so it is not taken.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 import time
@@ -49,6 +54,7 @@ from ._slow import (
 )
 from ._waker import Waker
 
+RECENT_STALLS = 32  # the ended stalls the console lists (a ring)
 SAMPLE_AT = 0.9  # share of the first threshold at which the loop thread's clocks are first sampled
 MIN_KIND_WINDOW = 0.02  # seconds: the shortest window inside a stall that its kind is judged on
 LATE = 0.1  # seconds: a look this much later than planned was starved (GIL held, process paused)
@@ -69,6 +75,7 @@ class Stall:
     source: str | None = None
     note: str | None = None
     task: dict[str, Any] | None = None  # the task step running mid-stall (describe_task), if any
+    kind: str | None = None  # as judged for its dump
     before: ThreadSample | None = None  # the loop thread's clocks at the last look before it began
 
 
@@ -125,7 +132,8 @@ class Watchdog(Component):
                  build_dump: Callable[..., dict[str, Any]], write_dump: Callable[[dict[str, Any]], Path | None],
                  update_dump: Callable[[Path, dict[str, Any]], bool] = lambda path, fields: False,
                  detach: Callable[[LoopProbe], None], gilheld: Callable[[LoopProbe], GilHeldStacks | None],
-                 gc: Any = None, accelerated: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 gc: Any = None, accelerated: bool = False, requests: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(report=guard.report)
         self._options = options
         self._thresholds = tuple(options.lag_thresholds)
@@ -142,6 +150,10 @@ class Watchdog(Component):
         self._gilheld = gilheld
         self._gc = gc
         self._accelerated = accelerated
+        # Dump requests from outside (``_remote.DumpRequests``): a pipe this thread also sleeps on, and
+        # ``serve(now)``, called at every wake-up.
+        self._requests = requests
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_STALLS)
         self.park: Any = None  # _accel.Park: lets this thread sleep while every loop waits (see _park)
         self._parked_since: float | None = None  # this look follows a parked sleep
         self._clock = clock
@@ -164,6 +176,9 @@ class Watchdog(Component):
                 self.waker.watch(self.park.timerfd)
             except OSError:  # no timerfd: the watchdog polls
                 self.park = None
+        request_fd = self._requests.fileno() if self._requests is not None else None
+        if request_fd is not None:
+            self.waker.watch(request_fd)
         self._thread = threading.Thread(target=self._run, name="loopwatch-watchdog", daemon=True)
         self._thread.start()
 
@@ -187,8 +202,9 @@ class Watchdog(Component):
 
     def after_fork(self) -> None:
         """The thread is the parent's; the waker's descriptors are this process's copies: closed.  The
-        child starts its own when it resumes."""
+        child starts its own when it resumes.  The parent's recent stalls are not the child's."""
         self._thread = None
+        self.recent.clear()
         waker, self.waker = self.waker, None
         if waker is not None:
             waker.close()
@@ -236,11 +252,10 @@ class Watchdog(Component):
             if waker is None:
                 return
             try:
-                poked = waker.wait((self._clock() + MAX_SLEEP if parked else planned) - self._clock())
+                waker.wait((self._clock() + MAX_SLEEP if parked else planned) - self._clock())
             except Exception as exc:  # noqa: BLE001 - the thread must outlive any error (counted)
                 self._guard.report("watchdog", exc)
                 _os.sleep(0.1)
-                poked = False
             if self._stopping:
                 return
             now = self._clock()
@@ -251,7 +266,12 @@ class Watchdog(Component):
                 self._parked_since = now
                 late = due is not None and now - due > LATE
             else:
-                late = not poked and now - planned > LATE
+                # Late: woken past the planned look (the GIL was held, the process paused) -- also when a
+                # poke (a dump request) is what woke it, once the GIL was free again.
+                late = now - planned > LATE
+            if self._requests is not None:
+                with self._guard("dump"):
+                    self._requests.serve(now)  # before the look: the stretch it asked about is still there
             wake = now + SAMPLE_AT * self._threshold
             with self._guard("watchdog"):
                 wake = self.tick(now, late=late)
@@ -298,6 +318,29 @@ class Watchdog(Component):
                     gilheld.arm(wake + FALLBACK_AFTER)
                 else:
                     gilheld.disarm()
+
+    # -- what the console reads ----------------------------------------------------------------------
+    def in_progress(self, now: float) -> list[dict[str, Any]]:
+        """The stalls going on now that the watchdog has seen cross the first threshold (any thread)."""
+        out = []
+        for probe, state in list(self._states.items()):
+            activity = probe.activity
+            since = activity.busy_since(now) if activity is not None and probe.running else None
+            if since is None:
+                continue
+            stall = state.pending(since)
+            if stall is None:
+                continue
+            kind = stall.kind
+            if kind is None:  # no dump was written for it (cooldown): judged from the samples taken inside it
+                try:
+                    kind = state.kind(since, now - since, now)[0]
+                except Exception:  # noqa: BLE001 - samples replaced by the watchdog meanwhile
+                    kind = None
+            out.append({"loop": probe.label, "duration": round(now - since, 6), "kind": kind,
+                        "culprit": _location(stall.culprit), "dump": str(stall.dump_path) if stall.dump_path else None,
+                        "source": stall.source, "note": stall.note})
+        return out
 
     # -- logic -----------------------------------------------------------------------------------
     def tick(self, now: float, *, late: bool = False) -> float:
@@ -443,6 +486,7 @@ class Watchdog(Component):
             _os.sleep(MIN_KIND_WINDOW)  # a window inside this stall long enough to judge its kind on
             state.sample_stall(stall.key, self._clock())
         kind, cpu, extra = self._kind(state, stall.key, taken - stall.key, taken)
+        stall.kind = kind
         dump = self._build_dump("event_loop_lag", loop=probe.label, stall_seconds=taken - stall.key,
                                 loop_stack=loop_stack, threads=threads, tasks=tasks, source="watchdog",
                                 kind=kind, cpu_seconds=cpu, **extra)
@@ -477,6 +521,7 @@ class Watchdog(Component):
             stall.note = f"no dump: another was written less than dump_cooldown={writer.cooldown}s ago"
             return
         kind, cpu, extra = self._kind(state, stall.key, max(0.0, now - stall.key), now, stall.before)
+        stall.kind = kind
         known = _frames.threads_info()
         dump = self._build_dump(
             "event_loop_lag", loop=probe.label, stall_seconds=fired - stall.key, loop_stack=loop_stack,
@@ -525,6 +570,10 @@ class Watchdog(Component):
         if stall.dump_path is not None:  # the dump was taken mid-stall: now it can say how long it lasted
             self._update_dump(stall.dump_path, {"duration": round(duration, 6), "whole_stall": {
                 "kind": kind, "cpu_seconds": None if cpu is None else round(cpu, 6)}})
+        self.recent.append({
+            "ended_at": time.time() - (now - end), "loop": probe.label, "duration": round(duration, 6),
+            "kind": kind, "cpu_seconds": None if cpu is None else round(cpu, 6), "culprit": _location(stall.culprit),
+            "dump": str(stall.dump_path) if stall.dump_path else None, "source": stall.source, "note": stall.note})
         emit("warning", "loopwatch.stall", loop=probe.label, duration=round(duration, 6),
              thresholds=[t for t in self._thresholds if t in stall.counted], culprit=_location(stall.culprit),
              dump=str(stall.dump_path) if stall.dump_path else None, kind=kind,

@@ -26,6 +26,7 @@ from loopwatch._gil import GilContention
 from loopwatch._gilheld import FaulthandlerFallback
 from loopwatch._metrics import AgentUp, Errors, LoopLag
 from loopwatch._pools import Pools
+from loopwatch._remote import DumpRequests
 from loopwatch._slow import SlowCallbackMetrics
 from loopwatch._tasks import TaskHealth
 from loopwatch._threads import ThreadCpu
@@ -33,7 +34,7 @@ from loopwatch._watchdog import Watchdog
 
 PACKAGE = Path(loopwatch.__file__).parent
 EVERY = {LoopLag, SlowCallbackMetrics, TaskHealth, ThreadCpu, Executors, Pools, Dumps, FaulthandlerFallback,
-         MetricsEndpoint, Watchdog, GilContention, AgentUp, Errors}
+         MetricsEndpoint, DumpRequests, Watchdog, GilContention, AgentUp, Errors}  # Console: only with console=
 
 
 def registered(registry: CollectorRegistry) -> list[object]:
