@@ -52,7 +52,8 @@ soak: setup
 COMPAT_PYTHONS ?= $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3 $(HOME)/.pyenv/versions/3.13*/bin/python3)
 COMPAT_TESTS ?= tests/test_config.py tests/test_dumps.py tests/test_watchdog.py tests/test_e2e_stalls.py \
 	tests/test_slow.py tests/test_lifecycle.py tests/test_threads.py tests/test_tasks.py tests/test_scrape.py \
-	tests/test_fallback_safety.py
+	tests/test_fallback_safety.py tests/test_cli_run.py tests/test_remote_dump.py tests/test_console.py \
+	tests/test_incidents.py
 
 compat:
 	@if [ -z "$(COMPAT_PYTHONS)" ]; then echo "compat: no CPython 3.12/3.13 found; nothing to do"; fi
