@@ -66,8 +66,8 @@ def test_a_scrape_hands_the_gil_over_a_few_times_whatever_the_descriptors(app_ru
     # An odd scrape may wait more (a loaded CI machine: one saw 59 once among twenty); the old way, every
     # scrape made 40 or more.
     assert sum(n > 20 for n in per_scrape) <= 2, per_scrape
-    latencies.sort()
-    assert latencies[int(0.95 * len(latencies))] <= 0.25, latencies  # measured: p95 ~40 ms (make bench: figure 7)
+    # measured: p95 ~35-45 ms (make bench: figure 7); before, p95 0.32 s and every scrape over 0.1 s
+    assert sum(t > 0.25 for t in latencies) <= 2, sorted(latencies)
 
 
 def test_process_metrics_are_prometheus_clients_own():
