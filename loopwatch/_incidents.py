@@ -580,18 +580,25 @@ def _utf8_safe(stream: TextIO) -> None:
         pass
 
 
-def run_dumps(args: argparse.Namespace, parser: argparse.ArgumentParser,
-              clock: Callable[[], float] = time.time) -> int:
-    now = clock()
-    since = args.since.cutoff(now) if args.since is not None else None
+def _read(args: argparse.Namespace, parser: argparse.ArgumentParser, since: float | None,
+          command: str) -> tuple[Scan, list[Group]]:
+    """What both commands start with: the directories read (a usage error exits 2), the notes on stderr,
+    the stalls grouped."""
     try:
         check_directories(args.directories)
         result = scan(args.directories, since=since)
     except Usage as exc:
         parser.error(str(exc))
-    for line in notes(result, "dumps"):
+    for line in notes(result, command):
         print(line, file=sys.stderr)
-    groups = group(result.dumps)
+    return result, group(result.dumps)
+
+
+def run_dumps(args: argparse.Namespace, parser: argparse.ArgumentParser,
+              clock: Callable[[], float] = time.time) -> int:
+    now = clock()
+    since = args.since.cutoff(now) if args.since is not None else None
+    result, groups = _read(args, parser, since, "dumps")
     if args.json:
         if not result.dumps:
             print(f"loopwatch dumps: no loopwatch dumps in {printable(where(result))}", file=sys.stderr)
@@ -1024,14 +1031,7 @@ def run_report(args: argparse.Namespace, parser: argparse.ArgumentParser,
             parser.error(f"argument -o/--output: no such directory: {parent}")
         if Path(output).is_dir():
             parser.error(f"argument -o/--output: is a directory: {output}")
-    try:
-        check_directories(args.directories)
-        result = scan(args.directories, since=since)
-    except Usage as exc:
-        parser.error(str(exc))
-    for line in notes(result, "report"):
-        print(line, file=sys.stderr)
-    groups = group(result.dumps)
+    result, groups = _read(args, parser, since, "report")
     page = render_html(result, groups, since, now)
     if output == "-":
         return _out(page)
