@@ -71,6 +71,7 @@ def install(
     console: bool | int | str | tuple[int, int] | None = None,
     console_addr: str | None = None,
     console_task_factory: bool | None = None,
+    context_keys: Any = None,
 ) -> Agent:
     """Install the agent (idempotent) and return it.
 

@@ -20,6 +20,7 @@ from typing import Any
 from . import _fork, _forksafe, _frames
 from . import _unpatched as _os
 from ._component import Component, Naming, weak
+from ._context import ContextReader, event_fields
 from ._config import Options, tls_context
 from ._console import Console, ConsoleView
 from ._dumps import Dumps, safe_reason
@@ -37,7 +38,7 @@ from ._metrics import AgentUp, Errors, LoopLag
 from ._pools import Pools
 from ._probe import LoopProbe, Loops, virtual_clock
 from ._remote import DumpRequests
-from ._slow import IterationTimer, SlowCallback, SlowCallbackMetrics
+from ._slow import IterationTimer, SlowCallback, SlowCallbackMetrics, running_task
 from ._tasks import TaskHealth
 from ._threads import ThreadCpu
 from ._version import __version__
@@ -93,9 +94,12 @@ class Agent:
         self.gc = GcPasses(accelerated=self.accelerated)
         on = options.enabled  # a feature named in ``disable`` is not built: no series, no patch, no thread
 
+        self.context = context = ContextReader(options.context_keys)  # the request a blocked task served
+        self._loop_context = lambda loop: context.of_task(running_task(loop))  # (the task it runs now)
         self.lag = LoopLag(naming, options.lag_thresholds, loops.live_lag, report=report)
         self.slow_metrics = SlowCallbackMetrics(naming, loops, threshold=options.slow_callback_threshold,
-                                                log=_log_slow, clock=clock, slow=on("slow_callbacks"), report=report)
+                                                log=_log_slow, clock=clock, slow=on("slow_callbacks"),
+                                                context=self.context, report=report)
         self.slow = self.slow_metrics.slow
         self.task_health = TaskHealth(naming, loops, report=report, degrade=self._degrade) \
             if on("tasks") else None
@@ -120,12 +124,12 @@ class Agent:
             options.dump_dir, dump_signal=options.dump_signal, walk=options.faulthandler, service=options.service,
             enabled=lambda: dumps.enabled, loops=loops, lag_of=loops.lag_of, build=dumps.build,
             write=dumps.write_or_raise, metrics_url=lambda: exporter.url if exporter is not None else None,
-            clock=clock, report=report, degrade=self._degrade)
+            clock=clock, report=report, degrade=self._degrade, context=self._loop_context)
         self.watchdog = Watchdog(options=options, probes=loops, count_spike=self.lag.count_spike,
                                  writer=self.writer, guard=self.guard, slow=self.slow, build_dump=dumps.build,
                                  write_dump=dumps.write, update_dump=dumps.update, detach=weak(self.detach),
                                  gilheld=self.fallback.for_probe, gc=self.gc, accelerated=self.accelerated,
-                                 requests=self.requests, clock=clock)
+                                 requests=self.requests, context=self.context, clock=clock)
         self.console = Console(ports=options.console_ports, addr=options.console_addr,
                                task_factory=options.console_task_factory, view=self._console_view(),
                                report=report, degrade=self._degrade) if options.console else None
@@ -422,7 +426,8 @@ class Agent:
         tasks = _frames.task_stacks(loop) if loop is not None and not loop.is_closed() else []
         lag = self.loops.lag_of(probe, self._clock()) if probe is not None and probe.running else None
         dump = self.dumps.build(safe_reason(reason), loop=probe.label if probe else None, stall_seconds=lag,
-                                loop_stack=loop_stack, threads=threads, tasks=tasks, source="manual")
+                                loop_stack=loop_stack, threads=threads, tasks=tasks, source="manual",
+                                context=self._loop_context(loop))
         return self.dumps.write_or_raise(dump)
 
     def _console_view(self) -> ConsoleView:
@@ -462,4 +467,5 @@ def _log_slow(event: SlowCallback) -> None:
     fields = dataclasses.asdict(event)
     fields["duration"] = round(event.duration, 6)
     fields["callback"] = fields.pop("label")
-    emit("warning", "loopwatch.slow_callback", **fields)
+    fields.pop("context")
+    emit("warning", "loopwatch.slow_callback", **fields, **event_fields(event.context))

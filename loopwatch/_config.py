@@ -82,6 +82,8 @@ class Options:
     console: int | tuple[int, int] = 0
     console_addr: str = CONSOLE_DEFAULT_ADDR
     console_task_factory: bool = False
+    # structlog context keys whose values go into dumps and events (the others: by name only).
+    context_keys: tuple[str, ...] = ()
 
     def enabled(self, feature: str) -> bool:
         """Whether ``feature`` (one of ``FEATURES``) is on: not named in ``disable``."""
@@ -310,6 +312,30 @@ def _features(value: Any, source: str | None) -> frozenset[str]:
     return frozenset(names)
 
 
+_CONTEXT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+MAX_CONTEXT_KEYS = 32
+
+
+def _context_keys(value: Any, source: str | None) -> tuple[str, ...]:
+    """``"request_id,tenant"``, ``"request_id tenant"``, ``("request_id", "tenant")`` or ``""``/``()``."""
+    what = (f"a list of at most {MAX_CONTEXT_KEYS} context key names (letters, digits, '_', '.', '-'; up to 64 "
+            f"characters, not starting with a digit), comma-separated in a string")
+    items: Any = value
+    if isinstance(value, str):
+        items = [part for part in re.split(r"[,\s]+", value.strip()) if part]
+    if not isinstance(items, Iterable) or isinstance(items, (bytes, Mapping)):
+        raise _fail("context_keys", source, what, value)
+    keys: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not _CONTEXT_KEY.match(item):
+            raise _fail("context_keys", source, what, value)
+        if item not in keys:
+            keys.append(item)
+    if len(keys) > MAX_CONTEXT_KEYS:
+        raise _fail("context_keys", source, what, value)
+    return tuple(keys)
+
+
 def _is_zero(value: Any) -> bool:
     try:
         return not isinstance(value, bool) and float(value) == 0.0
@@ -448,6 +474,8 @@ def _validate(name: str, value: Any, source: str | None) -> Any:
         return _ipv4(name, value, source)
     if name == "console_task_factory":
         return _boolean(name, value, source)
+    if name == "context_keys":
+        return _context_keys(value, source)
     raise AssertionError(name)  # pragma: no cover - OPTION_NAMES and this function move together
 
 

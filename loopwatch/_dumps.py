@@ -25,6 +25,7 @@ from prometheus_client.core import Metric
 
 from . import _forksafe
 from ._component import Component, Degrade, Naming, Report
+from ._context import event_fields
 from ._frames import culprit_of, format_stack
 from ._log import emit
 from ._pyspy import NativeStacks, find_pyspy
@@ -80,6 +81,23 @@ def unsafe_directory(path: Path) -> str | None:
     return None
 
 
+def _request_lines(context: Any) -> list[str]:
+    """The request the blocked task served (the dump's ``context``), for the text twin."""
+    if not isinstance(context, dict) or not context:
+        return []
+    out = []
+    if context.get("trace_id"):
+        span = context.get("span_name") or "(unnamed span)"
+        route = f"  route {context['route']}" if context.get("route") else ""
+        out.append(f"request: span {span!r}{route}  trace_id {context['trace_id']}  span_id {context.get('span_id')}")
+    values = context.get("values") if isinstance(context.get("values"), dict) else {}
+    if values:
+        out.append("context: " + "  ".join(f"{k}={v!r}" for k, v in values.items()))
+    if context.get("other_keys"):
+        out.append("context keys not shown (not in context_keys): " + ", ".join(map(str, context["other_keys"])))
+    return out
+
+
 def render_text(dump: dict[str, Any]) -> str:
     """The human-readable twin of a dump."""
     when = _dt.datetime.fromtimestamp(dump["timestamp"], _dt.timezone.utc).isoformat()
@@ -104,6 +122,7 @@ def render_text(dump: dict[str, Any]) -> str:
             out.append(f"    {culprit['line']}")
     else:
         out.append("culprit: none found in application code")
+    out.extend(_request_lines(dump.get("context")))
     out.append("")
     out.append("Loop thread (most recent call last):")
     out.append(format_stack(dump.get("loop_stack") or []))
@@ -223,7 +242,7 @@ class DumpWriter:
 def build_dump(reason: str, *, service: str, loop: str | None, stall_seconds: float | None,
                loop_stack: list[dict[str, Any]], threads: list[dict[str, Any]], tasks: list[dict[str, Any]],
                source: str, kind: str | None = None, cpu_seconds: float | None = None, note: str | None = None,
-               **overrides: Any) -> dict[str, Any]:
+               context: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """A dump's fields (the README's dump format), in order; ``overrides`` replace or add fields."""
     dump: dict[str, Any] = {
         "reason": reason,
@@ -237,6 +256,7 @@ def build_dump(reason: str, *, service: str, loop: str | None, stall_seconds: fl
         "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 6),
         "source": source,
         "culprit": culprit_of(loop_stack),
+        "context": context,
         "loop_stack": loop_stack,
         "threads": threads,
         "tasks": tasks,
@@ -339,7 +359,8 @@ class Dumps(Component):
         culprit = dump.get("culprit")
         emit("warning", "loopwatch.dump", reason=dump["reason"], path=str(path), loop=dump.get("loop"),
              stall_seconds=dump.get("stall_seconds"), source=dump.get("source"),
-             culprit=None if not culprit else f"{culprit['filename']}:{culprit['lineno']} in {culprit['function']}")
+             culprit=None if not culprit else f"{culprit['filename']}:{culprit['lineno']} in {culprit['function']}",
+             **event_fields(dump.get("context")))
 
     def _add_native_stack(self, dump: dict[str, Any], path: Path) -> None:
         """py-spy adds the loop thread's native stack to this mid-stall dump, if the stall lasts."""

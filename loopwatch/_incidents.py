@@ -131,6 +131,8 @@ class Dump:
     host: str | None
     culprit: tuple[str, int | None, str] | None
     line: str | None  # the culprit's source text
+    route: str | None = None  # the request the blocked task served (the dump's ``context``): its route
+    trace_id: str | None = None  # ... and its trace
 
     @property
     def is_stall(self) -> bool:
@@ -208,13 +210,18 @@ def summarize(data: Any, path: str) -> Dump:
     pid = data.get("pid")
     culprit = data.get("culprit")
     line = culprit.get("line") if isinstance(culprit, dict) else None
+    context = data.get("context") if isinstance(data.get("context"), dict) else {}
+    route = context.get("route") or context.get("span_name")
+    trace_id = context.get("trace_id")
     return Dump(path=path, reason=_text(reason, 60) or "", timestamp=timestamp, seconds=seconds,
                 final=duration is not None, kind=kind or "unknown",
                 source=_text(data.get("source"), 40) if isinstance(data.get("source"), str) else None,
                 service=_text(data.get("service")) if isinstance(data.get("service"), str) else None,
                 pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
                 host=_text(data.get("hostname")) if isinstance(data.get("hostname"), str) else None,
-                culprit=_culprit_key(culprit), line=_text(line) if isinstance(line, str) and line else None)
+                culprit=_culprit_key(culprit), line=_text(line) if isinstance(line, str) and line else None,
+                route=_text(route, 200) if isinstance(route, str) and route else None,
+                trace_id=_text(trace_id, 64) if isinstance(trace_id, str) and trace_id else None)
 
 
 def read_private(path: str, limit: int | None = None) -> bytes:
@@ -430,6 +437,10 @@ class Group:
     def hosts(self) -> list[str]:
         return sorted({d.host for d in self.stalls if d.host})
 
+    def routes(self) -> list[tuple[str, int]]:
+        """The routes (or span names) of the requests these stalls blocked, most frequent first."""
+        return sorted(Counter(d.route for d in self.stalls if d.route).items(), key=lambda kv: (-kv[1], kv[0]))
+
 
 def group(dumps: Iterable[Dump]) -> list[Group]:
     """The stalls among ``dumps`` by culprit, ranked: total stalled seconds, stalls, latest, location."""
@@ -520,7 +531,9 @@ def to_json(result: Scan, groups: list[Group], since: float | None, now: float) 
             "first_seen": iso(g.first), "last_seen": iso(g.last),
             "first_seen_ts": g.first, "last_seen_ts": g.last,
             "services": g.services(), "pids": g.pids(), "hosts": g.hosts(),
+            "routes": dict(g.routes()),
             "worst_dump": g.worst.path,
+            "worst_trace_id": g.worst.trace_id,
             "dumps": [d.path for d in g.stalls],
         } for rank, g in enumerate(groups, 1)],
         "other_dumps": [{"path": d.path, "reason": d.reason, "time": iso(d.timestamp), "timestamp": d.timestamp,
@@ -562,7 +575,13 @@ def render_text(result: Scan, groups: list[Group], since: float | None) -> str:
         out.append(f"   services    {printable(_list(services)) if services else '(none recorded)'}")
         out.append(f"   pids        {_list(pids) if pids else '(none recorded)'}"
                    + (f" on {printable(_list(hosts, 5))}" if hosts else ""))
+        routes = g.routes()
+        if routes:
+            out.append("   requests    " + printable(", ".join(f"{r} {n}" for r, n in routes[:5]))
+                       + (f" (+{len(routes) - 5} more)" if len(routes) > 5 else ""))
         out.append(f"   worst dump  {printable(g.worst.path)}")
+        if g.worst.trace_id:
+            out.append(f"   worst trace {printable(g.worst.trace_id)}")
     if not groups:
         out.append("no stalls: only dumps of other reasons")
     if others:
@@ -840,6 +859,10 @@ def section_html(rank: int, g: Group, colours: dict[str, str]) -> str:
                  + (f" on {esc(_list(g.hosts(), 5))}" if g.hosts() else "")),
         ("worst dump", f"<code>{esc(worst.path)}</code>"),
     ]
+    if g.routes():
+        facts.insert(-1, ("requests", esc(", ".join(f"{r} {n}" for r, n in g.routes()[:5]))))
+    if worst.trace_id:
+        facts.append(("worst trace", f"<code>{esc(worst.trace_id)}</code>"))
     body = ['<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"]
     try:
         data = load(worst.path)

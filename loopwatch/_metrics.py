@@ -58,8 +58,9 @@ class LoopLag(Component):
     def observe_delay(self, loop: str, delay: float) -> None:
         self.delay.labels(self.naming.service, loop).observe(delay)
 
-    def count_spike(self, loop: str, threshold: float) -> None:
-        self.spikes.labels(self.naming.service, loop, threshold_label(threshold)).inc()
+    def count_spike(self, loop: str, threshold: float, exemplar: dict[str, str] | None = None) -> None:
+        """One stall crossed ``threshold``; ``exemplar``: the trace of the request it blocked, if any."""
+        self.spikes.labels(self.naming.service, loop, threshold_label(threshold)).inc(1.0, exemplar)
 
     def families(self) -> Iterator[Metric]:
         lag = self.naming.family(GaugeMetricFamily, "event_loop_lag_seconds",

@@ -100,10 +100,11 @@ class LoopProbe:
         self.stopped = False
         self.late_beats: collections.deque[Beat] = collections.deque(maxlen=64)
         self.activity: Any = None  # the loop's iteration clock (_slow, _iteration), set by the agent
-        self.stall_callback: tuple[str, str | None] | None = None  # set by the watchdog mid-stall
+        # Set by the watchdog mid-stall: (callback label, culprit, request context).
+        self.stall_callback: tuple[str, str | None, dict[str, Any] | None] | None = None
 
-    def take_stall_callback(self) -> tuple[str, str | None] | None:
-        """The callback the watchdog saw running mid-stall, as (label, culprit); read once."""
+    def take_stall_callback(self) -> tuple[str, str | None, dict[str, Any] | None] | None:
+        """The callback the watchdog saw running mid-stall, as (label, culprit, context); read once."""
         named, self.stall_callback = self.stall_callback, None
         return named
 

@@ -121,8 +121,10 @@ class DumpRequests(Component):
                  enabled: Callable[[], bool], loops: Callable[[], tuple[Any, ...]],
                  lag_of: Callable[[Any, float], float], build: Callable[..., dict[str, Any]],
                  write: Callable[[dict[str, Any]], Path], metrics_url: Callable[[], str | None],
-                 clock: Callable[[], float], report: Report, degrade: Degrade) -> None:
+                 clock: Callable[[], float], report: Report, degrade: Degrade,
+                 context: Callable[[Any], dict[str, Any] | None] = lambda loop: None) -> None:
         super().__init__(report=report)
+        self._context = context  # a loop -> the request context of the task it is running
         self.directory = directory
         self._option = dump_signal
         self._want_walk = walk  # the ``faulthandler`` option: the GIL-held path writes stacks the same way
@@ -433,7 +435,7 @@ class DumpRequests(Component):
         fields.setdefault("source", "request")
         dump = self._build(safe_reason(reason), loop=probe.label if probe is not None else None,
                            stall_seconds=lag, loop_stack=loop_stack, threads=threads, tasks=tasks, kind=kind,
-                           **fields)
+                           context=self._context(loop) if since is not None else None, **fields)
         return self._write(dump), dump
 
     def _from_stack(self, probe: Any, at: float, text: str, fields: dict[str, Any]) -> Path:

@@ -6,15 +6,21 @@ The subset of prometheus_client's ``Counter`` and ``Histogram`` that loopwatch u
 Compared with the metric objects they are cheaper to collect (a scrape of an idle app is most of its CPU)
 and carry no ``_created`` series, which nothing of loopwatch's dashboards or rules reads.  Updates are
 thread-safe (one lock per labelled child); a forked child replaces the objects (``Metrics.reset``).
+
+An observation may carry an OpenMetrics **exemplar** (``exemplar={"trace_id": ...}``): a counter keeps the
+last one, a histogram the last one of each bucket, with the value and the time it was observed.  They go
+out only in the OpenMetrics format (the one Prometheus asks for); the classic text format drops them.
 """
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
 from . import _forksafe
@@ -22,36 +28,48 @@ from . import _forksafe
 INF = float("inf")
 
 
+def _exemplar(labels: Mapping[str, str], value: float) -> Exemplar:
+    return Exemplar(dict(labels), value, time.time())
+
+
 class _CounterChild:
-    __slots__ = ("_lock", "value")
+    __slots__ = ("_lock", "value", "exemplar")
 
     def __init__(self) -> None:
         self._lock = _forksafe.lock()
         self.value = 0.0
+        self.exemplar: Exemplar | None = None
 
-    def inc(self, amount: float = 1.0) -> None:
+    def inc(self, amount: float = 1.0, exemplar: Mapping[str, str] | None = None) -> None:
         with self._lock:
             self.value += amount
+            if exemplar is not None:
+                self.exemplar = _exemplar(exemplar, amount)
 
 
 class _HistogramChild:
-    __slots__ = ("_bounds", "_lock", "counts", "sum")
+    __slots__ = ("_bounds", "_lock", "counts", "sum", "exemplars")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._bounds = bounds
         self._lock = _forksafe.lock()
         self.counts = [0] * len(bounds)
         self.sum = 0.0
+        self.exemplars: list[Exemplar | None] | None = None  # per bucket, once one has been observed
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, exemplar: Mapping[str, str] | None = None) -> None:
         index = bisect_left(self._bounds, value)  # the first bucket whose upper bound is >= value
         with self._lock:
             self.counts[index] += 1
             self.sum += value
+            if exemplar is not None:
+                if self.exemplars is None:
+                    self.exemplars = [None] * len(self._bounds)
+                self.exemplars[index] = _exemplar(exemplar, value)
 
-    def snapshot(self) -> tuple[list[int], float]:
+    def snapshot(self) -> tuple[list[int], float, list[Exemplar | None] | None]:
         with self._lock:
-            return list(self.counts), self.sum
+            return list(self.counts), self.sum, None if self.exemplars is None else list(self.exemplars)
 
 
 class _Series:
@@ -92,7 +110,12 @@ class Counter(_Series):
     def collect(self) -> list[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for key, child in self.items():
-            family.add_metric(key, child.value)
+            exemplar = child.exemplar
+            if exemplar is None:
+                family.add_metric(key, child.value)
+            else:  # CounterMetricFamily.add_metric takes no exemplar: the sample, as it would build it
+                family.samples.append(Sample(f"{self.name}_total", dict(zip(self.labelnames, key)), child.value,
+                                             None, exemplar))
         return [family]
 
 
@@ -112,10 +135,11 @@ class Histogram(_Series):
     def collect(self) -> list[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for key, child in self.items():
-            counts, total = child.snapshot()
+            counts, total, exemplars = child.snapshot()
             cumulative, buckets = 0, []
-            for name, count in zip(self._bucket_names, counts):
+            for n, (name, count) in enumerate(zip(self._bucket_names, counts)):
                 cumulative += count
-                buckets.append((name, cumulative))
+                exemplar = exemplars[n] if exemplars is not None else None
+                buckets.append((name, cumulative) if exemplar is None else (name, cumulative, exemplar))
             family.add_metric(key, buckets, total)
         return [family]

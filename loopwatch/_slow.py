@@ -38,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from . import _forksafe
 from ._component import Component, Naming, Report, ignore_error
+from ._context import ContextReader, exemplar
 from ._frames import is_app_file
 from ._iteration import KNOWN_SELECTS, poll_clock, select_clock
 from ._labels import Slots
@@ -62,6 +63,7 @@ class SlowCallback:
     source: str | None = None  # file:line where the coroutine/function is defined
     at: str | None = None  # file:line where the task stopped after the step (its next await)
     culprit: str | None = None  # innermost application frame, when a stack was taken mid-stall
+    context: dict[str, Any] | None = None  # the request it served (``_context.ContextReader``), if known
 
 
 def _application_coroutine(coro: Any) -> Any:
@@ -144,9 +146,11 @@ def label_from_stack(frame: types.FrameType | None) -> str | None:
 class SlowCallbacks:
     """Per-agent accounting: the bounded ``callback`` counter, the histogram, the log rate limit."""
 
-    def __init__(self, threshold: float, *, observe: Callable[[str, float], None],
-                 log: Callable[[SlowCallback], None], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, threshold: float, *, observe: Callable[[str, float, dict[str, str] | None], None],
+                 log: Callable[[SlowCallback], None], clock: Callable[[], float] = time.monotonic,
+                 context: ContextReader | None = None) -> None:
         self.threshold = threshold
+        self.context = context or ContextReader()  # reads the request context of a slow callback
         self.counts: dict[str, Slots] = {}  # per loop label
         self._clock_for_counts = clock
         self._observe = observe
@@ -160,7 +164,7 @@ class SlowCallbacks:
         if counts is None:
             counts = self.counts[event.loop] = Slots(20, clock=self._clock_for_counts)
         counts.inc(event.label)
-        self._observe(event.loop, event.duration)
+        self._observe(event.loop, event.duration, exemplar(event.context))
         now = self._clock()
         with self._lock:
             last = self._last_log.get(event.label)
@@ -389,9 +393,9 @@ class IterationTimer:
             self._exact_until = self._clock() + EXACT_WINDOW
             if exact_seen:
                 return  # counted per callback by the Handle._run wrapper (_make_timed_run)
-        named = self._stall_label()  # the watchdog saw this one mid-stall: (label, culprit)
-        self._slow.record(SlowCallback(self.label, busy, named[0] if named else UNATTRIBUTED,
-                                       "iteration", culprit=named[1] if named else None))
+        named = self._stall_label()  # the watchdog saw this one mid-stall: (label, culprit, context)
+        self._slow.record(SlowCallback(self.label, busy, named[0] if named else UNATTRIBUTED, "iteration",
+                                       culprit=named[1] if named else None, context=named[2] if named else None))
         if not self._exact_on:
             self._exact_on = True
             self._exact_until = self._clock() + EXACT_WINDOW
@@ -401,7 +405,9 @@ class IterationTimer:
         try:
             self.saw_exact_slow = True
             info = describe_callback(handle._callback)  # type: ignore[attr-defined]
-            self._slow.record(SlowCallback(self.label, elapsed, info.pop("label"), info.pop("what"), **info))
+            context = self._slow.context.of_task(handle)  # the context the callback (a task step) ran in
+            self._slow.record(SlowCallback(self.label, elapsed, info.pop("label"), info.pop("what"),
+                                           context=context, **info))
         except Exception:  # noqa: BLE001
             pass
 
@@ -413,11 +419,11 @@ class SlowCallbackMetrics(Component):
 
     def __init__(self, naming: Naming, probes: Callable[[], Any], *, threshold: float,
                  log: Callable[[SlowCallback], None], clock: Callable[[], float] = time.monotonic,
-                 slow: bool = True, report: Report = ignore_error) -> None:
+                 slow: bool = True, context: ContextReader | None = None, report: Report = ignore_error) -> None:
         super().__init__(naming, report=report)
         self._probes = probes
         self._slow = slow  # False with ``disable=slow_callbacks``: only utilization is exported
-        self.slow = SlowCallbacks(threshold, observe=self.observe, log=log, clock=clock)
+        self.slow = SlowCallbacks(threshold, observe=self.observe, log=log, clock=clock, context=context)
         self._new_histogram()
 
     def _new_histogram(self) -> None:
@@ -431,8 +437,8 @@ class SlowCallbackMetrics(Component):
         self.slow.counts.clear()
         self._new_histogram()
 
-    def observe(self, loop: str, duration: float) -> None:
-        self.histogram.labels(self.naming.service, loop).observe(duration)
+    def observe(self, loop: str, duration: float, exemplar: dict[str, str] | None = None) -> None:
+        self.histogram.labels(self.naming.service, loop).observe(duration, exemplar)
 
     def add_loop(self, loop: str) -> None:
         self.histogram.labels(self.naming.service, loop)

@@ -9,7 +9,9 @@ cross it sooner), so it looks at a stall exactly when it crosses each threshold:
 
 * at ``SAMPLE_AT`` of the first threshold it samples the loop thread's clocks (the stall's ``kind`` is
   judged on a window inside it);
-* at the first threshold it counts the spike, takes the loop thread's stack with
+* at the first threshold it reads the request context of the task that is running (``_context``: its
+  OpenTelemetry span, its structlog keys -- the exemplar of the spike counts), counts the spike, takes the
+  loop thread's stack with
   ``sys._current_frames()``, re-checks that the same stretch is still going on (else the stack belongs to
   healthy code and is discarded) and writes the dump -- ``stall_seconds`` is the stall's age then;
 * at each further threshold it counts that spike, live;
@@ -39,6 +41,7 @@ from typing import Any
 from . import _frames
 from . import _unpatched as _os
 from ._component import Component
+from ._context import ContextReader, event_fields, exemplar
 from ._cputime import ThreadClock, ThreadSample, classify
 from ._gilheld import FALLBACK_AFTER, REPEAT, GilHeldStacks
 from ._iteration import _accel
@@ -77,6 +80,7 @@ class Stall:
     task: dict[str, Any] | None = None  # the task step running mid-stall (describe_task), if any
     kind: str | None = None  # as judged for its dump
     before: ThreadSample | None = None  # the loop thread's clocks at the last look before it began
+    context: dict[str, Any] | None = None  # the request the blocked task served (``_context``), if seen live
 
 
 @dataclasses.dataclass
@@ -133,7 +137,7 @@ class Watchdog(Component):
                  update_dump: Callable[[Path, dict[str, Any]], bool] = lambda path, fields: False,
                  detach: Callable[[LoopProbe], None], gilheld: Callable[[LoopProbe], GilHeldStacks | None],
                  gc: Any = None, accelerated: bool = False, requests: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 context: ContextReader | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(report=guard.report)
         self._options = options
         self._thresholds = tuple(options.lag_thresholds)
@@ -150,6 +154,7 @@ class Watchdog(Component):
         self._gilheld = gilheld
         self._gc = gc
         self._accelerated = accelerated
+        self._context = context or ContextReader()
         # Dump requests from outside (``_remote.DumpRequests``): a pipe this thread also sleeps on, and
         # ``serve(now)``, called at every wake-up.
         self._requests = requests
@@ -339,7 +344,7 @@ class Watchdog(Component):
                     kind = None
             out.append({"loop": probe.label, "duration": round(now - since, 6), "kind": kind,
                         "culprit": _location(stall.culprit), "dump": str(stall.dump_path) if stall.dump_path else None,
-                        "source": stall.source, "note": stall.note})
+                        "source": stall.source, "note": stall.note, **_request(stall.context)})
         return out
 
     # -- logic -----------------------------------------------------------------------------------
@@ -401,12 +406,12 @@ class Watchdog(Component):
             return since + threshold
         stall = state.pending(since)
         if stall is None:
-            stall = Stall(key=since, before=state.before(since))
+            stall = Stall(key=since, before=state.before(since), context=self._context_of(probe, since))
             state.stalls = [*state.stalls[-(MAX_PENDING - 1):], stall]
         for value in self._thresholds:
             if age >= value and value not in stall.counted:
                 stall.counted.add(value)
-                self._count_spike(probe.label, value)
+                self._count_spike(probe.label, value, exemplar(stall.context))
         if not stall.captured:
             stall.captured = True
             block = self._block_for(state, since, now)
@@ -423,6 +428,15 @@ class Watchdog(Component):
                 self._capture(probe, state, stall, now)
         later = [since + value for value in self._thresholds if value not in stall.counted]
         return min(later) if later else None
+
+    def _context_of(self, probe: LoopProbe, since: float) -> dict[str, Any] | None:
+        """The request context of the task running the stretch that began at ``since`` -- None if no task
+        runs (a plain callback), or if the stretch ended while it was read (the task is another one's)."""
+        context = self._context.of_task(running_task(probe.loop))
+        if context is None:
+            return None
+        now = probe.activity.busy_since(self._clock()) if probe.running else None
+        return context if now is not None and abs(now - since) <= KEY_TOLERANCE else None
 
     def _take_blocks(self, probe: LoopProbe, state: _ProbeState) -> None:
         """Stacks the owner loop's thread wrote on the fallback timer's signal, dated from its schedule."""
@@ -463,6 +477,7 @@ class Watchdog(Component):
         threads = _frames.all_thread_stacks(frames) if writer.enabled else []
         del frames
         tasks = _frames.task_stacks(loop) if writer.enabled and loop is not None else []
+        context = self._context.of_task(task) if stall.context is None and task is not None else None
         since = probe.activity.busy_since(self._clock()) if probe.running else None
         if since is None or abs(since - stall.key) > KEY_TOLERANCE:
             stall.note = "stack discarded: the stall ended while it was being taken"
@@ -471,10 +486,12 @@ class Watchdog(Component):
         stall.culprit, stall.source = _frames.culprit_of(loop_stack), "watchdog"
         with self._guard("watchdog"):
             stall.task = describe_task(task) if task is not None else None
+        if context is not None:  # read before the check above that the stall still runs
+            stall.context = context
         if running is None and stall.task is not None:
             running = stall.task["label"]
         if running is not None:
-            probe.stall_callback = (running, _location(stall.culprit))
+            probe.stall_callback = (running, _location(stall.culprit), stall.context)
         if not writer.enabled:
             stall.note = f"dumps disabled: {writer.disabled_reason}"
             return
@@ -489,7 +506,7 @@ class Watchdog(Component):
         stall.kind = kind
         dump = self._build_dump("event_loop_lag", loop=probe.label, stall_seconds=taken - stall.key,
                                 loop_stack=loop_stack, threads=threads, tasks=tasks, source="watchdog",
-                                kind=kind, cpu_seconds=cpu, **extra)
+                                kind=kind, cpu_seconds=cpu, context=stall.context, **extra)
         path = self._write_dump(dump)
         if path is None:
             stall.note = _DUMP_FAILED
@@ -526,7 +543,7 @@ class Watchdog(Component):
         dump = self._build_dump(
             "event_loop_lag", loop=probe.label, stall_seconds=fired - stall.key, loop_stack=loop_stack,
             threads=[_frames.thread_entry(probe.thread_ident, loop_stack, known)], tasks=[], source="faulthandler",
-            kind=kind, cpu_seconds=cpu,
+            kind=kind, cpu_seconds=cpu, context=stall.context,
             note="stack written by the loop thread itself (a signal) while the GIL was held; other threads' "
                  "stacks and task stacks cannot be read without the GIL", **extra)
         path = self._write_dump(dump)
@@ -562,7 +579,7 @@ class Watchdog(Component):
         for value in self._thresholds:
             if duration >= value and value not in stall.counted:
                 stall.counted.add(value)
-                self._count_spike(probe.label, value)
+                self._count_spike(probe.label, value, exemplar(stall.context))
         if counts_slow:
             self._count_slow(probe, stall, duration)
         kind, cpu, extra = self._kind(state, start, duration, now, stall.before)
@@ -573,11 +590,13 @@ class Watchdog(Component):
         self.recent.append({
             "ended_at": time.time() - (now - end), "loop": probe.label, "duration": round(duration, 6),
             "kind": kind, "cpu_seconds": None if cpu is None else round(cpu, 6), "culprit": _location(stall.culprit),
-            "dump": str(stall.dump_path) if stall.dump_path else None, "source": stall.source, "note": stall.note})
+            "dump": str(stall.dump_path) if stall.dump_path else None, "source": stall.source, "note": stall.note,
+            **_request(stall.context)})
         emit("warning", "loopwatch.stall", loop=probe.label, duration=round(duration, 6),
              thresholds=[t for t in self._thresholds if t in stall.counted], culprit=_location(stall.culprit),
              dump=str(stall.dump_path) if stall.dump_path else None, kind=kind,
-             cpu_seconds=None if cpu is None else round(cpu, 6), source=stall.source, note=stall.note, **extra)
+             cpu_seconds=None if cpu is None else round(cpu, 6), source=stall.source, note=stall.note, **extra,
+             **event_fields(stall.context))
 
     def _count_slow(self, probe: LoopProbe, stall: Stall | None, duration: float) -> None:
         """A loop whose slow callbacks its clock does not count itself (uvloop, the beat fallback): a long
@@ -585,7 +604,7 @@ class Watchdog(Component):
         info = dict(stall.task) if stall is not None and stall.task else {"what": "stall", "label": UNATTRIBUTED}
         culprit = _location(stall.culprit) if stall is not None else None
         self._slow.record(SlowCallback(probe.label, duration, info.pop("label"), info.pop("what"),
-                                       culprit=culprit, **info))
+                                       culprit=culprit, context=stall.context if stall is not None else None, **info))
 
 
 def _location(entry: dict[str, Any] | None) -> str | None:
@@ -593,3 +612,7 @@ def _location(entry: dict[str, Any] | None) -> str | None:
         return None
     return f"{entry['filename']}:{entry['lineno']} in {entry['function']}"
 
+
+def _request(context: dict[str, Any] | None) -> dict[str, Any]:
+    """The request a stall blocked, as the console lists it: its trace and route."""
+    return {k: context[k] for k in ("trace_id", "route") if k in context} if context else {}

@@ -402,7 +402,9 @@ def test_json_schema(incident: Path) -> None:
     for culprit in out["culprits"]:
         assert set(culprit) == {"rank", "location", "culprit", "stalls", "unfinished", "total_seconds",
                                 "worst_seconds", "lower_bound", "kinds", "first_seen", "last_seen", "first_seen_ts",
-                                "last_seen_ts", "services", "pids", "hosts", "worst_dump", "dumps"}
+                                "last_seen_ts", "services", "pids", "hosts", "routes", "worst_dump", "worst_trace_id",
+                                "dumps"}
+        assert culprit["routes"] == {} and culprit["worst_trace_id"] is None  # these dumps predate request context
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", culprit["last_seen"])
     (other,) = out["other_dumps"]
     assert set(other) == {"path", "reason", "time", "timestamp", "service", "pid", "host"}

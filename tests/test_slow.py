@@ -166,7 +166,7 @@ def test_describe_plain_callbacks() -> None:
 
 def test_log_is_rate_limited_per_callback_with_injected_clock() -> None:
     clock, logged, observed = Clock(), [], []
-    slow = SlowCallbacks(0.1, observe=lambda loop, d: observed.append(d), log=logged.append, clock=clock)
+    slow = SlowCallbacks(0.1, observe=lambda loop, d, exemplar=None: observed.append(d), log=logged.append, clock=clock)
     event = SlowCallback("main", 0.2, "app.handler", "task_step")
     for now in (0.0, 0.5, 0.99, 1.0, 1.2, 2.5):
         clock.now = now
@@ -221,7 +221,7 @@ class FakeLoop:
 
 def iteration_timer(clock: Clock, threshold: float = 0.1, named=None):
     recorded: list[SlowCallback] = []
-    slow = SlowCallbacks(threshold, observe=lambda loop, d: None, log=lambda e: None, clock=clock)
+    slow = SlowCallbacks(threshold, observe=lambda loop, d, exemplar=None: None, log=lambda e: None, clock=clock)
     slow.record = recorded.append  # type: ignore[method-assign]
     loop = FakeLoop(clock)
     timer = _slow.IterationTimer(loop, "main", slow, exact_always=False, stall_label=lambda: named,
@@ -241,7 +241,7 @@ def test_iteration_timer_leaves_selectors_it_does_not_know_alone(selector: str) 
     loop = FakeLoop(clock)
     loop._selector = {"mock": mock.Mock(), "subclass": OwnSelect(), "double": FakeSelector(clock)}[selector]
     before = loop._selector.select
-    slow = SlowCallbacks(0.1, observe=lambda loop, d: None, log=lambda e: None, clock=clock)
+    slow = SlowCallbacks(0.1, observe=lambda loop, d, exemplar=None: None, log=lambda e: None, clock=clock)
     timer = _slow.IterationTimer(loop, "main", slow, exact_always=False, stall_label=lambda: None, clock=clock)
     assert not timer.install()
     assert loop._selector.select == before  # untouched
@@ -314,7 +314,7 @@ def test_iteration_timer_counts_slow_iterations_blocking_or_not_and_opens_exact_
 
 def test_iteration_timer_names_a_slow_iteration_the_watchdog_saw() -> None:
     clock = Clock()
-    loop, timer, recorded = iteration_timer(clock, named=("app.handler", "app.py:12"))
+    loop, timer, recorded = iteration_timer(clock, named=("app.handler", "app.py:12", None))
     try:
         run_iteration(loop, clock, busy=0.4, idle=0.0, timeout=None)
         assert (recorded[0].label, recorded[0].culprit) == ("app.handler", "app.py:12")

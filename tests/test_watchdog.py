@@ -316,7 +316,7 @@ def test_a_loop_attached_mid_stall_is_timed_from_the_attach(tmp_path: Path) -> N
 
     clock = Clock()
     clock.now = T0 + 5.0  # the loop has been busy since T0 when install() runs inside it
-    slow = _slow.SlowCallbacks(0.1, observe=lambda loop, d: None, log=lambda e: None, clock=clock)
+    slow = _slow.SlowCallbacks(0.1, observe=lambda loop, d, exemplar=None: None, log=lambda e: None, clock=clock)
     the_loop = Loop()
     timer = _slow.IterationTimer(the_loop, "main", slow, exact_always=False, stall_threshold=0.5,
                                  stall_label=lambda: None, clock=clock)
