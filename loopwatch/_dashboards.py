@@ -325,7 +325,8 @@ def dashboard(ns: str) -> dict[str, Any]:
             # changing "query" to "jaeger" / "zipkin" (the plugin id of the data source type).
             {"name": TRACE_DATASOURCE_VAR, "label": "Trace data source", "type": "datasource", "query": "tempo",
              "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],
-             "description": "Where the trace links of the stall and slow-callback panels open."},
+             "description": "Where the data links of the stall and slow-callback panels open. An exemplar "
+                            "dot's own trace link is set on the Prometheus data source (exemplars)."},
             variable("job", "Job", f"label_values({ns}_errors_total, job)"),
             variable("instance", "Instance", f'label_values({ns}_errors_total{{job=~"$job"}}, instance)'),
             variable("service", "Service", f'label_values({ns}_errors_total{{job=~"$job", instance=~"$instance"}}, service)'),
