@@ -12,11 +12,18 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 DEFAULT_NAMESPACE = "loopwatch"
 DASHBOARD_UID = "loopwatch-asyncio"
 RUNBOOK = "https://github.com/loopwatch/loopwatch/blob/main/dashboards/RUNBOOK.md"
 SELECTOR = 'job=~"$job", instance=~"$instance", service=~"$service"'
+TRACE_DATASOURCE_VAR = "trace_datasource"
+# The exemplar label that holds the trace id (what the exporter attaches to a stall's increment and to a slow
+# callback's observation) and the uid of the trace data source that ``grafana-datasources.yml`` provisions.
+EXEMPLAR_TRACE_LABEL = "trace_id"
+TRACE_DATASOURCE_UID = "tempo"
+PROMETHEUS_DATASOURCE_UID = "prometheus"
 
 
 # -- Prometheus rules -----------------------------------------------------------------------------------
@@ -182,7 +189,11 @@ class _Panels:
         return self.next_id - 1
 
     def panel(self, title: str, unit: str, targets: list[tuple[str, str]], *, description: str = "",
-              width: int = 8, kind: str = "timeseries", stack: bool = False) -> None:
+              width: int = 8, kind: str = "timeseries", stack: bool = False, exemplar: bool = False,
+              links: list[dict[str, Any]] | None = None) -> None:
+        """``exemplar=True`` asks Prometheus for the exemplars of every target's series (Grafana draws them
+        as dots; their trace links come from the Prometheus data source, see ``grafana_datasources``);
+        ``links`` are data links on the panel's series points."""
         if self.x + width > 24:
             self.y += 8
             self.x = 0
@@ -190,11 +201,12 @@ class _Panels:
             "type": kind, "title": title, "id": self._id(), "description": description,
             "datasource": {"type": "prometheus", "uid": "${datasource}"},
             "gridPos": {"h": 8, "w": width, "x": self.x, "y": self.y},
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "fieldConfig": {"defaults": {"unit": unit, **({"links": links} if links else {})}, "overrides": []},
             "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
                         "tooltip": {"mode": "multi", "sort": "desc"}},
             "targets": [{"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend,
-                         "datasource": {"type": "prometheus", "uid": "${datasource}"}}
+                         "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                         **({"exemplar": True} if exemplar else {})}
                         for i, (expr, legend) in enumerate(targets)],
         }
         if stack:
@@ -213,20 +225,33 @@ def dashboard(ns: str) -> dict[str, Any]:
                 f"(rate({m(metric)}_bucket{{{s}}}[$__rate_interval])))")
 
     p.row("Event loop")
+    # Exemplars: the exporter puts a trace_id exemplar on the increment of each stall's lag_spikes_total and on
+    # the slow-callback histogram's bucket, when the blocked task had an active OpenTelemetry span.  The
+    # targets below ask for them; Grafana's trace link on an exemplar dot is the Prometheus data source's
+    # exemplarTraceIdDestinations (grafana-datasources.yml); the panels' own data links use $trace_datasource.
+    traces = [trace_search_link()]
     p.panel("Live lag", "s", [(f"max by (instance, loop) ({m('event_loop_lag_seconds')}{{{s}}})",
                                "{{instance}} {{loop}}")],
-            description="How overdue the loop's probe is; grows live during a stall.")
+            description="How overdue the loop's probe is; grows live during a stall.", width=6)
     p.panel("Lag p50 / p95 / p99", "s", [(quantile(q, "event_loop_delay_seconds", "loop"), f"p{int(q * 100)} {{{{instance}}}} {{{{loop}}}}")
-                                          for q in (0.5, 0.95, 0.99)])
+                                          for q in (0.5, 0.95, 0.99)], width=6)
     p.panel("Stalls past each threshold", "short",
             [(f"sum by (instance, loop, threshold) (increase({m('event_loop_lag_spikes_total')}{{{s}}}[$__rate_interval]))",
-              "{{instance}} {{loop}} > {{threshold}}s")])
+              "{{instance}} {{loop}} > {{threshold}}s")], width=6, exemplar=True, links=traces,
+            description="Stalls counted live as they cross each threshold. A dot is an exemplar: the trace of the "
+                        "request whose task was blocked (when it had an OpenTelemetry span); hover it for the link.")
     p.panel("Loop utilization", "percentunit",
             [(f"sum by (instance, loop) (rate({m('event_loop_busy_seconds_total')}{{{s}}}[$__rate_interval]))",
-              "{{instance}} {{loop}}")], description="Share of time the loop ran callbacks rather than waiting for I/O.")
+              "{{instance}} {{loop}}")], description="Share of time the loop ran callbacks rather than waiting for I/O.",
+            width=6)
     p.panel("Slow callbacks", "short",
             [(f"topk(10, sum by (instance, loop, callback) (increase({m('slow_callbacks_total')}{{{s}}}[$__rate_interval])))",
               "{{instance}} {{callback}}")])
+    p.panel("Slow callback duration p99", "s",
+            [(quantile(0.99, "slow_callback_duration_seconds", "loop"), "p99 {{instance}} {{loop}}")],
+            exemplar=True, links=traces,
+            description="How long the slow callbacks ran. A dot is an exemplar: one slow callback's duration and the "
+                        "trace of the request it served (when it had an OpenTelemetry span); hover it for the link.")
     p.panel("Stack dumps written", "short",
             [(f"sum by (instance, reason) (increase({m('dumps_total')}{{{s}}}[$__rate_interval]))", "{{instance}} {{reason}}")],
             description="Each event_loop_lag dump names the line that blocked the loop (see dump_dir).")
@@ -296,12 +321,34 @@ def dashboard(ns: str) -> dict[str, Any]:
         "templating": {"list": [
             {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
              "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": []},
+            # The trace data source the panels' data links open: any Tempo by default; Jaeger or Zipkin by
+            # changing "query" to "jaeger" / "zipkin" (the plugin id of the data source type).
+            {"name": TRACE_DATASOURCE_VAR, "label": "Trace data source", "type": "datasource", "query": "tempo",
+             "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],
+             "description": "Where the data links of the stall and slow-callback panels open. An exemplar "
+                            "dot's own trace link is set on the Prometheus data source (exemplars)."},
             variable("job", "Job", f"label_values({ns}_errors_total, job)"),
             variable("instance", "Instance", f'label_values({ns}_errors_total{{job=~"$job"}}, instance)'),
             variable("service", "Service", f'label_values({ns}_errors_total{{job=~"$job", instance=~"$instance"}}, service)'),
         ]},
         "panels": p.panels,
     }
+
+
+def trace_search_link() -> dict[str, Any]:
+    """A data link from a point of a panel's series to Explore on ``$trace_datasource``, over the dashboard's
+    time range.  A dashboard can do no more: Grafana applies a panel's field config (and so its data links)
+    to the series only, never to the exemplar frame (PanelQueryRunner / scenes' VizPanel give exemplars empty
+    defaults), and the series are sums without a trace_id label.  The trace_id link of an exemplar dot is the
+    Prometheus data source's ``exemplarTraceIdDestinations`` (``grafana-datasources.yml``)."""
+    var = "${%s}" % TRACE_DATASOURCE_VAR
+    pane = {"loopwatch": {"datasource": var, "queries": [{"refId": "A", "datasource": {"uid": var}}],
+                          "range": {"from": "${__from}", "to": "${__to}"}}}
+    url = "/explore?schemaVersion=1&panes=" + quote(json.dumps(pane, separators=(",", ":")), safe="")
+    for placeholder in (var, "${__from}", "${__to}"):  # Grafana interpolates these before the URL is decoded
+        url = url.replace(quote(placeholder, safe=""), placeholder)
+    return {"title": "Traces in ${%s:text} over this time range" % TRACE_DATASOURCE_VAR, "url": url,
+            "targetBlank": True}
 
 
 def panel_expressions(board: dict[str, Any]) -> list[tuple[str, str]]:
@@ -321,6 +368,7 @@ def metric_names(expr: str, ns: str) -> set[str]:
 PROVISIONING = """\
 # Grafana provisioning: put this file in /etc/grafana/provisioning/dashboards/ and the dashboard JSON in
 # the folder named by `path`.  Grafana loads it at start-up and reloads it when the file changes.
+# The exemplar -> trace links need the data sources of grafana-datasources.yml (or its jsonData in yours).
 apiVersion: 1
 providers:
   - name: loopwatch
@@ -333,8 +381,45 @@ providers:
       path: /var/lib/grafana/dashboards/loopwatch
 """
 
+GRAFANA_DATASOURCES = """\
+# Grafana data sources: put this file in /etc/grafana/provisioning/datasources/ (Grafana reads data sources
+# there, dashboards from ../dashboards/).  Edit the two URLs; if you already have a Prometheus data source,
+# copy its `exemplarTraceIdDestinations` instead.
+#
+# Which part does what, from a stall to the request:
+# - the exporter attaches an exemplar {{trace_id, span_id}} to a stall's increment of
+#   *_event_loop_lag_spikes_total and to a slow callback's bucket of *_slow_callback_duration_seconds;
+# - Prometheus keeps it when run with --enable-feature=exemplar-storage (it scrapes OpenMetrics by default);
+# - the dashboard's stall and slow-callback panels query with "exemplar": true and draw each one as a dot;
+# - the dot's "trace" link is THIS file's exemplarTraceIdDestinations: a dashboard cannot set it (Grafana
+#   applies no panel field config to exemplars).  `name` is the exemplar label holding the trace id,
+#   `datasourceUid` the trace data source it opens: the Tempo below (uid "{trace_uid}"); for Jaeger or Zipkin,
+#   provision that data source and put its uid here;
+# - the dashboard's `trace_datasource` variable picks the data source of the panels' own data links.
+# `$$` is a literal `$`: Grafana expands environment variables ($VAR, ${{VAR}}) in provisioning files.
+apiVersion: 1
+datasources:
+  - name: Prometheus
+    type: prometheus
+    uid: {prometheus_uid}
+    access: proxy
+    url: http://prometheus:9090
+    jsonData:
+      exemplarTraceIdDestinations:
+        - name: {label}
+          datasourceUid: {trace_uid}
+          urlDisplayLabel: "Trace $${{__value.raw}}"
+  - name: Tempo
+    type: tempo
+    uid: {trace_uid}
+    access: proxy
+    url: http://tempo:3200
+""".format(label=EXEMPLAR_TRACE_LABEL, trace_uid=TRACE_DATASOURCE_UID, prometheus_uid=PROMETHEUS_DATASOURCE_UID)
+
 PROMETHEUS_SNIPPET = """\
 # prometheus.yml: load the rules and scrape the services' loopwatch exporters.
+# Run Prometheus with --enable-feature=exemplar-storage to keep the trace_id exemplars of stalls and slow
+# callbacks (Prometheus asks for OpenMetrics when it scrapes, the only format that carries exemplars).
 rule_files:
   - /etc/prometheus/rules/{ns}-rules.yml
 scrape_configs:
@@ -346,7 +431,8 @@ scrape_configs:
 
 
 def render(namespace: str, out: Path, runbook: str = RUNBOOK) -> list[Path]:
-    """Write the dashboard, the rule file and the provisioning examples for ``namespace`` into ``out``."""
+    """Write the dashboard, the rule file and the provisioning examples (dashboards, data sources with the
+    exemplar trace link, Prometheus) for ``namespace`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     files = {
         out / f"{namespace}.json": json.dumps(dashboard(namespace), indent=2) + "\n",
@@ -354,6 +440,7 @@ def render(namespace: str, out: Path, runbook: str = RUNBOOK) -> list[Path]:
                                          f"# Recording rules and alerts for loopwatch's metrics; see RUNBOOK.md.\n"
                                          + to_yaml(rule_groups(namespace, runbook)) + "\n"),
         out / "grafana-provisioning.yml": PROVISIONING,
+        out / "grafana-datasources.yml": GRAFANA_DATASOURCES,
         out / "prometheus-snippet.yml": PROMETHEUS_SNIPPET.format(ns=namespace),
     }
     for path, text in files.items():

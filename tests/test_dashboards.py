@@ -9,8 +9,12 @@ import json
 import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
+import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 import loopwatch
@@ -65,7 +69,7 @@ def test_the_dashboard_is_grafana_ready() -> None:
     board = json.loads((DASHBOARDS / "loopwatch.json").read_text())
     assert board["schemaVersion"] >= 39 and board["uid"] == "loopwatch-asyncio"
     variables = {v["name"]: v for v in board["templating"]["list"]}
-    assert set(variables) == {"datasource", "job", "instance", "service"}
+    assert set(variables) == {"datasource", "trace_datasource", "job", "instance", "service"}
     assert variables["datasource"]["type"] == "datasource"
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
     assert rows == ["Event loop", "Tasks and exceptions", "Threads and GIL", "Executors", "Connection pools"]
@@ -91,12 +95,113 @@ def test_dashboards_command_renders_another_namespace(tmp_path, prometheus_tools
         assert "oraculo_event_loop_lag_seconds" in text
         assert "loopwatch_" not in text  # no metric of the default namespace left
     assert json.loads(board)["uid"] != "loopwatch-asyncio"
+    _assert_exemplars_link_to_traces(json.loads(board), "oraculo")
+    _assert_datasources_link_exemplars(tmp_path / "grafana-datasources.yml")
     check = subprocess.run([prometheus_tools["promtool"], "check", "rules", str(tmp_path / "oraculo-rules.yml")],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     bad = subprocess.run([sys.executable, "-m", "loopwatch", "dashboards", "--namespace", "no-dashes"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "namespace must be a Prometheus metric name prefix" in bad.stderr
+
+
+def test_every_panel_expression_is_valid_promql(tmp_path, prometheus_tools) -> None:
+    """promtool parses each panel's expression (as a recording rule, with Grafana's variables replaced by
+    what Grafana sends): a typo in an exemplar query would otherwise show up only in the Prometheus e2e test."""
+    grafana = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*", "$service": ".*"}
+    rules = []
+    for i, (title, expr) in enumerate(_dashboards.panel_expressions(_dashboards.dashboard("loopwatch"))):
+        for variable, value in grafana.items():
+            expr = expr.replace(variable, value)
+        assert "$" not in expr, (title, expr)
+        rules.append({"record": f"panel:expr_{i}:check", "expr": expr})
+    path = tmp_path / "panels.yml"
+    path.write_text(_dashboards.to_yaml({"groups": [{"name": "panels", "rules": rules}]}) + "\n")
+    out = subprocess.run([prometheus_tools["promtool"], "check", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- exemplars: from a stall to its trace ----------------------------------------------------------------
+# The series the exporter attaches a {trace_id, span_id} exemplar to (issue 14): a stall's increment of the
+# spikes counter, a slow callback's bucket of the duration histogram.
+EXEMPLAR_SERIES = ("event_loop_lag_spikes_total", "slow_callback_duration_seconds_bucket")
+TRACE = "${trace_datasource}"
+
+
+def _explore_pane(url: str) -> dict[str, Any]:
+    """The Explore pane a data link opens, with Grafana's ``${...}`` placeholders left in."""
+    parsed = urllib.parse.urlsplit(url)
+    assert parsed.path == "/explore", url
+    query = urllib.parse.parse_qs(parsed.query)
+    assert query["schemaVersion"] == ["1"], url
+    (pane,) = json.loads(query["panes"][0]).values()
+    return pane
+
+
+def _assert_exemplars_link_to_traces(board: dict[str, Any], ns: str) -> None:
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    trace = variables["trace_datasource"]
+    assert trace["type"] == "datasource" and trace["query"] == "tempo", trace
+    names = [v["name"] for v in board["templating"]["list"]]
+    assert names.index("trace_datasource") == names.index("datasource") + 1, names  # next to it
+
+    carriers = {f"{ns}_{name}" for name in EXEMPLAR_SERIES}
+    with_exemplars = {}
+    for panel in (p for p in board["panels"] if p["type"] != "row"):
+        for target in panel["targets"]:
+            used = _dashboards.metric_names(target["expr"], ns)
+            if used & carriers:  # a panel on an exemplar series asks for them...
+                assert target.get("exemplar") is True, (panel["title"], target)
+            if target.get("exemplar"):  # ...and only series that carry them do
+                assert used and used <= carriers, (panel["title"], target["expr"])
+                with_exemplars[panel["title"]] = panel
+    assert set(with_exemplars) == {"Stalls past each threshold", "Slow callback duration p99"}, set(with_exemplars)
+    assert {name for panel in with_exemplars.values() for t in panel["targets"]
+            for name in _dashboards.metric_names(t["expr"], ns)} == carriers
+    for panel in with_exemplars.values():
+        assert panel["type"] == "timeseries"  # the panel that draws exemplars (not the old Graph)
+        assert panel["fieldConfig"]["defaults"]["links"], panel["title"]
+
+    links = [link for panel in board["panels"] for link in panel.get("fieldConfig", {}).get("defaults", {}).get("links", [])]
+    assert links
+    for link in links:  # every data link opens the trace data source the variable names
+        assert "trace_datasource" in link["title"], link
+        pane = _explore_pane(link["url"])
+        assert pane["datasource"] == TRACE and pane["queries"][0]["datasource"]["uid"] == TRACE, pane
+        assert pane["range"] == {"from": "${__from}", "to": "${__to}"}, pane
+
+
+def _assert_datasources_link_exemplars(path: Path) -> None:
+    """The exemplar dot's own link: Grafana takes it from the Prometheus data source's
+    exemplarTraceIdDestinations (never from the panel), so the provisioned data source carries it."""
+    text = path.read_text()
+    config = yaml.safe_load(text)
+    assert config["apiVersion"] == 1
+    sources = {source["uid"]: source for source in config["datasources"]}
+    (prometheus,) = [s for s in sources.values() if s["type"] == "prometheus"]
+    destinations = prometheus["jsonData"]["exemplarTraceIdDestinations"]
+    assert [d["name"] for d in destinations] == ["trace_id"], destinations
+    for destination in destinations:
+        target = sources[destination["datasourceUid"]]  # a provisioned trace data source...
+        assert target["type"] == "tempo", target  # ...of the type the dashboard's variable lists by default
+        for value in destination.values():  # Grafana expands ${VAR} from the environment in provisioning files
+            assert not re.search(r"(?<!\$)\$\{", str(value)), destination
+    assert "--enable-feature=exemplar-storage" in text and "trace_datasource" in text
+
+
+@pytest.mark.parametrize("ns", ["loopwatch", "oraculo"])
+def test_stall_and_slow_callback_panels_link_exemplars_to_the_trace_data_source(ns) -> None:
+    board = (json.loads((DASHBOARDS / "loopwatch.json").read_text()) if ns == "loopwatch"
+             else _dashboards.dashboard(ns))
+    _assert_exemplars_link_to_traces(board, ns)
+
+
+def test_provisioning_files_parse_and_the_prometheus_data_source_links_exemplars_to_traces() -> None:
+    _assert_datasources_link_exemplars(DASHBOARDS / "grafana-datasources.yml")
+    providers = yaml.safe_load((DASHBOARDS / "grafana-provisioning.yml").read_text())["providers"]
+    assert providers[0]["type"] == "file" and providers[0]["options"]["path"]
+    assert "--enable-feature=exemplar-storage" in (DASHBOARDS / "prometheus-snippet.yml").read_text()
+    yaml.safe_load((DASHBOARDS / "prometheus-snippet.yml").read_text())
 
 
 # -- the contract: dashboards <= exported <= README --------------------------------------------------------
