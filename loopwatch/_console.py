@@ -7,8 +7,8 @@ Python thread runs, this one included, and the console answers once it is releas
 for the first loop it watches and adds these commands to aiomonitor's own (``ps``, ``where``, ``cancel``...):
 
 * ``lw-lag`` -- each watched loop: how long it has been stuck right now, and its last probe delay;
-* ``lw-stalls [-n N]`` -- the stalls going on (culprit, dump) and the last ones that ended: duration, kind,
-  culprit and dump path (a ring of the last 32, kept by the watchdog);
+* ``lw-stalls [-n N]`` -- the stalls going on (culprit, dump, request) and the last ones that ended: duration,
+  kind, culprit, dump path and the blocked request's route (a ring of the last 32, kept by the watchdog);
 * ``lw-dump`` -- write a dump now (``reason: "requested"``), and print its path and culprit;
 * ``lw-threads`` -- threads, their CPU, and the GIL figures; ``lw-executors`` and ``lw-pools`` -- the watched
   executors' and pools' figures.  The same values a scrape gets, read from the same components.
@@ -355,15 +355,18 @@ def _register_commands() -> None:
             echo(f"  loop {stall['loop']}: stuck for {stall['duration']:.3f} s, kind {stall['kind'] or 'not judged yet'}")
             echo(f"    culprit: {stall['culprit'] or 'not captured'}")
             echo(f"    dump:    {stall['dump'] or '-'}")
+            if stall.get("trace_id") or stall.get("route"):
+                echo(f"    request: {stall.get('route') or '-'}  trace_id {stall.get('trace_id') or '-'}")
             if stall.get("note"):
                 echo(f"    note:    {stall['note']}")
         recent = list(view.recent())[-max(0, count):][::-1]
         echo(f"last {len(recent)} ended stalls, newest first:")
-        rows = [("ended (UTC)", "loop", "seconds", "kind", "culprit", "dump")]
+        rows = [("ended (UTC)", "loop", "seconds", "kind", "culprit", "dump", "request")]
         for stall in recent:
             when = _dt.datetime.fromtimestamp(stall["ended_at"], _dt.timezone.utc).strftime("%H:%M:%S")
             rows.append((when, stall["loop"], f"{stall['duration']:.3f}", stall["kind"] or "?",
-                         stall["culprit"] or "-", stall["dump"] or _no_dump(stall.get("note"))))
+                         stall["culprit"] or "-", stall["dump"] or _no_dump(stall.get("note")),
+                         stall.get("route") or stall.get("trace_id") or "-"))
         if recent:
             echo(_table(rows))
 
