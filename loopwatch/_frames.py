@@ -63,15 +63,27 @@ def frame_record(filename: str, lineno: int | None, function: str) -> dict[str, 
     return {"filename": filename, "lineno": lineno, "function": function, "line": line or None}
 
 
-def stack_of(frame: FrameType | None, limit: int = MAX_DEPTH) -> list[dict[str, Any]]:
-    """The stack ending at ``frame``, outermost first, at most ``limit`` innermost frames."""
+def locations_of(frame: FrameType | None, limit: int = MAX_DEPTH) -> list[tuple[str, int | None, str]]:
+    """``(filename, lineno, function)`` of the stack ending at ``frame``, outermost first: attribute reads
+    only, so it is quick even when the GIL is contended (reading the source lines opens files: each one
+    hands the GIL over, see :func:`records`)."""
     raw = []
     while frame is not None and len(raw) < limit:
         code = frame.f_code
         raw.append((code.co_filename, frame.f_lineno, getattr(code, "co_qualname", code.co_name)))
         frame = frame.f_back
     raw.reverse()
-    return [frame_record(*item) for item in raw]
+    return raw
+
+
+def records(locations: Iterable[tuple[str, int | None, str]]) -> list[dict[str, Any]]:
+    """Stack entries of ``locations``, with their source lines."""
+    return [frame_record(*item) for item in locations]
+
+
+def stack_of(frame: FrameType | None, limit: int = MAX_DEPTH) -> list[dict[str, Any]]:
+    """The stack ending at ``frame``, outermost first, at most ``limit`` innermost frames."""
+    return records(locations_of(frame, limit))
 
 
 def culprit_of(stack: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -108,9 +120,13 @@ def thread_entry(ident: int, stack: list[dict[str, Any]], known: dict[int, threa
     }
 
 
-def all_thread_stacks(frames: dict[int, FrameType]) -> list[dict[str, Any]]:
+def all_thread_stacks(frames: dict[int, FrameType], walked: dict[int, list[dict[str, Any]]] | None = None
+                      ) -> list[dict[str, Any]]:
+    """Every thread's entry; ``walked``: stacks already read (by thread ident), used as they are."""
     known = threads_info()
-    return [thread_entry(ident, stack_of(frame), known) for ident, frame in sorted(frames.items())]
+    walked = walked or {}
+    return [thread_entry(ident, walked[ident] if ident in walked else stack_of(frame), known)
+            for ident, frame in sorted(frames.items())]
 
 
 def _await_chain(coro: Any) -> list[dict[str, Any]]:

@@ -406,7 +406,8 @@ class Watchdog(Component):
             return since + threshold
         stall = state.pending(since)
         if stall is None:
-            stall = Stall(key=since, before=state.before(since), context=self._context_of(probe, since))
+            stall = Stall(key=since, before=state.before(since))
+            stall.context = self._context_of(probe, stall)
             state.stalls = [*state.stalls[-(MAX_PENDING - 1):], stall]
         for value in self._thresholds:
             if age >= value and value not in stall.counted:
@@ -429,14 +430,11 @@ class Watchdog(Component):
         later = [since + value for value in self._thresholds if value not in stall.counted]
         return min(later) if later else None
 
-    def _context_of(self, probe: LoopProbe, since: float) -> dict[str, Any] | None:
-        """The request context of the task running the stretch that began at ``since`` -- None if no task
-        runs (a plain callback), or if the stretch ended while it was read (the task is another one's)."""
+    def _context_of(self, probe: LoopProbe, stall: Stall) -> dict[str, Any] | None:
+        """The request context of the task running ``stall`` -- None if no task runs (a plain callback),
+        or if the stall ended while it was read (the task would be another one's)."""
         context = self._context.of_task(running_task(probe.loop))
-        if context is None:
-            return None
-        now = probe.activity.busy_since(self._clock()) if probe.running else None
-        return context if now is not None and abs(now - since) <= KEY_TOLERANCE else None
+        return context if context is not None and self._still(probe, stall) else None
 
     def _take_blocks(self, probe: LoopProbe, state: _ProbeState) -> None:
         """Stacks the owner loop's thread wrote on the fallback timer's signal, dated from its schedule."""
@@ -466,23 +464,31 @@ class Watchdog(Component):
     def _capture(self, probe: LoopProbe, state: _ProbeState, stall: Stall, now: float) -> None:
         """Take the loop thread's stack mid-stall; dump it unless dumps are off or cooling down."""
         writer = self._writer
+        # What must be read while the stall goes on -- the loop thread's stack (its frames are live), the
+        # task it runs, that task's context -- is read first, then checked: the stretch still running
+        # after it means it was read inside the stall.  The rest (other threads, the tasks) comes after,
+        # so a capture slowed down by GIL contention still keeps the stack that matters.
         frames = _frames.current_frames()
         taken = self._clock()
         loop_frame = frames.get(probe.thread_ident)
-        loop_stack = _frames.stack_of(loop_frame)
+        locations = _frames.locations_of(loop_frame)  # (source lines after the check: they open files)
         running = label_from_stack(loop_frame)
         del loop_frame
         loop = probe.loop
         task = running_task(loop)
-        threads = _frames.all_thread_stacks(frames) if writer.enabled else []
-        del frames
-        tasks = _frames.task_stacks(loop) if writer.enabled and loop is not None else []
         context = self._context.of_task(task) if stall.context is None and task is not None else None
-        since = probe.activity.busy_since(self._clock()) if probe.running else None
-        if since is None or abs(since - stall.key) > KEY_TOLERANCE:
+        if not self._still(probe, stall):
+            del frames
             stall.note = "stack discarded: the stall ended while it was being taken"
             emit("debug", "loopwatch.capture_discarded", loop=probe.label)
             return
+        loop_stack = _frames.records(locations)
+        threads = _frames.all_thread_stacks(frames, {probe.thread_ident: loop_stack}) if writer.enabled else []
+        del frames
+        tasks = _frames.task_stacks(loop) if writer.enabled and loop is not None else []
+        late_note = None if not writer.enabled or self._still(probe, stall) else \
+            "the stall ended while the other threads' and the tasks' stacks were being read: they may show " \
+            "the moments after it (the loop thread's stack was taken inside it)"
         stall.culprit, stall.source = _frames.culprit_of(loop_stack), "watchdog"
         with self._guard("watchdog"):
             stall.task = describe_task(task) if task is not None else None
@@ -506,12 +512,17 @@ class Watchdog(Component):
         stall.kind = kind
         dump = self._build_dump("event_loop_lag", loop=probe.label, stall_seconds=taken - stall.key,
                                 loop_stack=loop_stack, threads=threads, tasks=tasks, source="watchdog",
-                                kind=kind, cpu_seconds=cpu, context=stall.context, **extra)
+                                kind=kind, cpu_seconds=cpu, context=stall.context, note=late_note, **extra)
         path = self._write_dump(dump)
         if path is None:
             stall.note = _DUMP_FAILED
             return
         stall.dump_path = path
+
+    def _still(self, probe: LoopProbe, stall: Stall) -> bool:
+        """The stretch that began at ``stall.key`` is still the one the loop runs."""
+        since = probe.activity.busy_since(self._clock()) if probe.running else None
+        return since is not None and abs(since - stall.key) <= KEY_TOLERANCE
 
     def _kind(self, state: _ProbeState, key: float, duration: float, now: float,
               before: ThreadSample | None = None) -> tuple[str, float | None, dict[str, Any]]:

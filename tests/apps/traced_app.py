@@ -11,14 +11,18 @@ structlog's contextvars, and a handler that blocks the loop.
 * loopwatch's events go, as JSON lines, to EVENTS_FILE (a logging handler on the ``loopwatch`` logger).
 
 MODE ``uvloop`` runs uvicorn on uvloop (stalls named by the watchdog alone); default: the stdlib loop.
+``BUSY_THREADS=N`` in the environment starts N threads running Python code (GIL contention).
 Prints ``READY`` when the server listens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import sys
+import threading
 import time
 
 import structlog
@@ -62,7 +66,9 @@ async def bind_request(request: Request, call_next):
 
 
 @app.get("/orders/{order_id}")
-async def get_order(order_id: int, block: float = 0.0) -> dict:
+async def get_order(order_id: int, block: float = 0.0, wait: float = 0.0) -> dict:
+    if wait:
+        await asyncio.sleep(wait)  # I/O: the loop serves others meanwhile
     time.sleep(block)  # a sync client in an async handler
     return {"order": order_id}
 
@@ -76,13 +82,19 @@ async def spans() -> list:
 FastAPIInstrumentor.instrument_app(app)
 
 
+def spin() -> None:
+    while True:
+        sum(range(2000))
+
+
 async def main() -> None:
+    for n in range(int(os.environ.get("BUSY_THREADS", "0"))):
+        threading.Thread(target=spin, name=f"busy-{n}", daemon=True).start()
     loopwatch.install(metrics_port=metrics_port, metrics_addr="127.0.0.1", dump_dir=dump_dir, dump_cooldown=0,
                       context_keys="request_id,tenant", service="orders")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=http_port, log_level="warning",
                                            loop="none", lifespan="off"))
     serving = server.serve()
-    import asyncio
     task = asyncio.ensure_future(serving)
     while not server.started:
         await asyncio.sleep(0.02)
@@ -95,5 +107,4 @@ if __name__ == "__main__":
         import uvloop
         uvloop.run(main())
     else:
-        import asyncio
         asyncio.run(main())
