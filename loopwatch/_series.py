@@ -11,7 +11,7 @@ thread-safe (one lock per labelled child); a forked child replaces the objects (
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -35,13 +35,15 @@ class _CounterChild:
 
 
 class _HistogramChild:
-    __slots__ = ("_bounds", "_lock", "counts", "sum")
+    __slots__ = ("_bounds", "_lock", "counts", "sum", "_series", "_key")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._bounds = bounds
         self._lock = _forksafe.lock()
         self.counts = [0] * len(bounds)
         self.sum = 0.0
+        self._series: Histogram | None = None  # set by Histogram: who to tell when it has listeners
+        self._key: tuple[str, ...] = ()
 
     def observe(self, value: float) -> None:
         index = bisect_left(self._bounds, value)  # the first bucket whose upper bound is >= value
@@ -52,6 +54,20 @@ class _HistogramChild:
     def snapshot(self) -> tuple[list[int], float]:
         with self._lock:
             return list(self.counts), self.sum
+
+
+class _ListenedChild(_HistogramChild):
+    """A child of a histogram that has listeners (``Histogram.add_listener``): the same object, its class
+    switched, so the plain ``observe`` above pays nothing for listeners nobody added."""
+
+    __slots__ = ()
+
+    def observe(self, value: float, *args: Any, **kwargs: Any) -> None:
+        _HistogramChild.observe(self, value, *args, **kwargs)
+        series = self._series
+        if series is not None:
+            for listener in series.listeners:
+                listener(self._key, value)
 
 
 class _Series:
@@ -106,8 +122,42 @@ class Histogram(_Series):
         self._bounds = tuple(bounds)
         self._bucket_names = tuple(floatToGoString(b) for b in bounds)
 
+    listeners: tuple[Callable[[tuple[str, ...], float], None], ...] = ()
+
     def _child(self) -> _HistogramChild:
-        return _HistogramChild(self._bounds)
+        return (_ListenedChild if self.listeners else _HistogramChild)(self._bounds)
+
+    def labels(self, *values: object) -> Any:
+        """As ``_Series.labels``, the new child told its series and key (for its listeners)."""
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                child = self._children.get(key)
+                if child is None:
+                    child = self._children[key] = self._child()
+                    child._series, child._key = self, key
+        return child
+
+    @property
+    def bounds(self) -> tuple[float, ...]:
+        """The buckets' upper bounds, ``+Inf`` last."""
+        return self._bounds
+
+    def add_listener(self, listener: Callable[[tuple[str, ...], float], None]) -> None:
+        """Call ``listener(label_values, value)`` after each ``observe`` (in the observing thread: keep it to an
+        append).  Children switch class while there are listeners, so none costs nothing."""
+        with self._lock:
+            self.listeners = (*self.listeners, listener)
+            for child in self._children.values():
+                child.__class__ = _ListenedChild
+
+    def remove_listener(self, listener: Callable[[tuple[str, ...], float], None]) -> None:
+        with self._lock:
+            self.listeners = tuple(f for f in self.listeners if f is not listener)
+            if not self.listeners:
+                for child in self._children.values():
+                    child.__class__ = _HistogramChild
 
     def collect(self) -> list[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
