@@ -71,6 +71,7 @@ def install(
     console: bool | int | str | tuple[int, int] | None = None,
     console_addr: str | None = None,
     console_task_factory: bool | None = None,
+    otel_metrics: str | None = None,
 ) -> Agent:
     """Install the agent (idempotent) and return it.
 
