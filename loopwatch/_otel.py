@@ -338,18 +338,19 @@ class OtelMetrics(Component):
             bridge.target = self
 
     def stop(self) -> None:
+        own = self.own
+        if own is not None:
+            try:
+                own[0].shutdown(timeout_millis=2000)  # a last export (still reading our series), bounded
+            except Exception as exc:  # noqa: BLE001 - never raise out of uninstall()
+                self.report(self.component, exc)
+        self.own = self.provider = None
         bridge = getattr(self, "_bridge", None)
         if bridge is not None and bridge.target is self:
-            bridge.target = None
+            bridge.target = None  # the application's provider keeps the instruments: they observe nothing now
         for series, listener in self._attached.values():
             series.remove_listener(listener)
         self._attached.clear()
-        own, self.own, self.provider = self.own, None, None
-        if own is not None:
-            try:
-                own[0].shutdown(timeout_millis=2000)  # a last export, bounded
-            except Exception as exc:  # noqa: BLE001 - never raise out of uninstall()
-                self.report(self.component, exc)
 
     def after_fork(self) -> None:
         """A forked child: the parent's provider exports nothing from here (its exporter checks the pid);
