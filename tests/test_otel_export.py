@@ -464,3 +464,61 @@ def test_prometheus_names_do_not_change(receiver: Receiver, tmp_path: Path, monk
             loopwatch.uninstall()
     assert names["off"] == names["otlp"]
     assert receiver.requests  # the otlp run did export (its last export at uninstall)
+
+
+FORK_APP = r'''
+import asyncio, os, sys, time, urllib.request
+import loopwatch
+
+async def stall(seconds):
+    time.sleep(seconds)
+    await asyncio.sleep(1.2)
+
+loopwatch.install(metrics_port=0, probe_interval=0.1, lag_thresholds=(0.5, 2.0), dump_dir=sys.argv[1],
+                  otel_metrics="otlp")
+asyncio.run(stall(0.7))  # the parent's stall, exported by the parent
+pid = os.fork()
+if pid == 0:
+    time.sleep(1.0)  # the reader thread the SDK restarted in this child ticks on the parent's provider
+    asyncio.run(stall(0.0))  # the child resumes: its own provider, its counts from zero
+    loopwatch.uninstall()
+    os._exit(0)
+loopwatch.uninstall()  # the parent's last export
+urllib.request.urlopen(sys.argv[2] + "/parent-done").read()
+_, status = os.waitpid(pid, 0)
+print("PIDS", os.getpid(), pid, status, flush=True)
+'''
+
+
+def test_a_forked_child_exports_its_own(receiver: Receiver, tmp_path: Path) -> None:
+    app = tmp_path / "fork_app.py"
+    app.write_text(FORK_APP)
+    marks: list[int] = []
+    handler = receiver.server.RequestHandlerClass
+
+    def do_get(self: http.server.BaseHTTPRequestHandler) -> None:
+        marks.append(len(receiver.requests))  # requests that had arrived when the parent was done
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    handler.do_GET = do_get  # type: ignore[attr-defined]
+    env = _env(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_METRIC_EXPORT_INTERVAL="300")
+    done = subprocess.run([sys.executable, str(app), str(tmp_path / "dumps"), receiver.url], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    parent, child, status = (int(x) for x in done.stdout.split("PIDS", 1)[1].split())
+    assert status == 0 and marks
+    by_pid: dict[int, list[dict]] = {}
+    for index, request in enumerate(receiver.requests):
+        for rm in request.resource_metrics:
+            pid = {kv.key: _any(kv.value) for kv in rm.resource.attributes}["process.pid"]
+            stalls = [p.as_double for sm in rm.scope_metrics for m in sm.metrics
+                      if m.name == "loopwatch.eventloop.stalls" for p in m.sum.data_points
+                      if {kv.key: _any(kv.value) for kv in p.attributes}["loopwatch.eventloop.threshold"] == 0.5]
+            by_pid.setdefault(pid, []).append({"index": index, "stalls": stalls})
+    assert set(by_pid) == {parent, child}
+    # nothing with the parent's pid after the parent was done: the child never sent through the parent's provider
+    assert max(r["index"] for r in by_pid[parent]) < marks[0]
+    assert by_pid[parent][-1]["stalls"] == [1.0]
+    assert by_pid[child][-1]["stalls"] == [0.0]  # the child's own counts, from zero
