@@ -72,6 +72,7 @@ def install(
     console_addr: str | None = None,
     console_task_factory: bool | None = None,
     context_keys: Any = None,
+    otel_metrics: str | None = None,
 ) -> Agent:
     """Install the agent (idempotent) and return it.
 

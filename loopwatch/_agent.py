@@ -35,6 +35,7 @@ from ._iteration import ACCELERATED, BeatActivity, UvActivity, UvStretches
 from ._labels import name_pattern
 from ._log import Degraded, Guard, emit
 from ._metrics import AgentUp, Errors, LoopLag
+from ._otel import OtelMetrics
 from ._pools import Pools
 from ._probe import LoopProbe, Loops, virtual_clock
 from ._remote import DumpRequests
@@ -133,19 +134,40 @@ class Agent:
         self.console = Console(ports=options.console_ports, addr=options.console_addr,
                                task_factory=options.console_task_factory, view=self._console_view(),
                                report=report, degrade=self._degrade) if options.console else None
+        sources: list[Component] = []  # every component, once built (the bridge reads their series)
+        histograms = weak(self._histograms)
+        self.otel = OtelMetrics(options.otel_metrics, namespace=options.namespace, service=options.service,
+                                sources=lambda: sources, histograms=lambda: histograms() or {},
+                                process=on("threads"), report=report, degrade=self._degrade) \
+            if options.otel_metrics != "off" else None
         # Start order (stop is the reverse); registry order too: errors_total last, so a scrape counts
-        # the failures of that very scrape.
+        # the failures of that very scrape.  The OTel bridge last: it reads the others' series.
         parts: tuple[Component, ...] = tuple(c for c in (
             self.lag, self.slow_metrics, self.task_health, self.threads, self.executors, self.pools, dumps,
-            self.fallback, self.exporter, self.requests, self.watchdog, self.gil, self.console) if c is not None)
+            self.fallback, self.exporter, self.requests, self.watchdog, self.gil, self.console, self.otel)
+            if c is not None)
         self.up = AgentUp(naming, lambda: parts, report=report)
         self.components: tuple[Component, ...] = (*parts, self.up, self.errors)
+        sources.extend(self.components)
         self._hooks = LoopHooks(self._on_loop_start, self._on_loop_stop, self._on_loop_close,
                                 lambda exc: report("hooks", exc))
         self._registered: list[Component] = []
         self.started = False
         self.fork_pending = False  # a forked child that has not resumed yet (see _fork)
         self.parent_pid: int | None = None  # set in a forked child
+
+    def _histograms(self) -> dict[str, Any]:
+        """The histograms the OTel bridge mirrors, as they are now (a forked child's components replace theirs)."""
+        found: dict[str, Any] = {"delay": self.lag.delay}
+        if self.options.enabled("slow_callbacks"):
+            found["slow"] = self.slow_metrics.histogram
+        if self.executors is not None:
+            found["executor_wait"] = self.executors.histogram
+        if self.pools is not None:
+            found["pool_wait"], found["pool_use"] = self.pools.wait, self.pools.use
+        if self.gil is not None and self.gil.enabled:
+            found["gil_wait"] = self.gil.histogram
+        return found
 
     # -- lifecycle -------------------------------------------------------------------------------
     def register(self) -> None:

@@ -27,6 +27,9 @@ ENV_PREFIX = "LOOPWATCH_"
 _METRIC_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _TRUE = {"1", "true", "yes", "on"}
 SLOW_CALLBACK_MODES = ("auto", "exact", "off")
+# OpenTelemetry metrics export (the ``[otel]`` extra): off, the app's global MeterProvider, loopwatch's own
+# OTLP/HTTP one configured by the standard OTEL_* variables, or whichever of the two is there (auto).
+OTEL_METRICS_MODES = ("off", "auto", "global", "otlp")
 # Features the ``disable`` option switches off: each then exports nothing, patches nothing, runs nothing.
 FEATURES = ("threads", "gil", "executors", "pools", "tasks", "slow_callbacks")
 _FALSE = {"0", "false", "no", "off"}
@@ -84,6 +87,7 @@ class Options:
     console_task_factory: bool = False
     # structlog context keys whose values go into dumps and events (the others: by name only).
     context_keys: tuple[str, ...] = ()
+    otel_metrics: str = "off"
 
     def enabled(self, feature: str) -> bool:
         """Whether ``feature`` (one of ``FEATURES``) is on: not named in ``disable``."""
@@ -476,6 +480,10 @@ def _validate(name: str, value: Any, source: str | None) -> Any:
         return _boolean(name, value, source)
     if name == "context_keys":
         return _context_keys(value, source)
+    if name == "otel_metrics":
+        if not isinstance(value, str) or value.strip().lower() not in OTEL_METRICS_MODES:
+            raise _fail(name, source, "one of " + ", ".join(repr(m) for m in OTEL_METRICS_MODES), value)
+        return value.strip().lower()
     raise AssertionError(name)  # pragma: no cover - OPTION_NAMES and this function move together
 
 

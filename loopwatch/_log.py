@@ -82,7 +82,7 @@ def emit(level: str, event: str, *, exc_info: BaseException | None = None, **fie
 
 
 COMPONENTS = ("probe", "watchdog", "dump", "exporter", "collector", "faulthandler", "hooks", "fork", "threads",
-              "gil", "executor", "pool", "native_stacks", "console")
+              "gil", "executor", "pool", "native_stacks", "console", "otel")
 
 
 class Guard:

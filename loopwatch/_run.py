@@ -61,6 +61,7 @@ _HELP = {
     "metrics_keyfile": "the PEM private key of --metrics-certfile",
     "metrics_client_cafile": "PEM file of the CA that signs scrapers' client certificates",
     "metrics_client_capath": "directory of CA certificates that sign scrapers' client certificates",
+    "otel_metrics": "OpenTelemetry metrics export: off, auto, global or otlp (the [otel] extra; default off)",
     "metrics_client_auth_required": "refuse scrapers without a client certificate signed by that CA (default false)",
 }
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -48,7 +48,7 @@ class _CounterChild:
 
 
 class _HistogramChild:
-    __slots__ = ("_bounds", "_lock", "counts", "sum", "exemplars")
+    __slots__ = ("_bounds", "_lock", "counts", "sum", "exemplars", "_series", "_key")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._bounds = bounds
@@ -56,6 +56,8 @@ class _HistogramChild:
         self.counts = [0] * len(bounds)
         self.sum = 0.0
         self.exemplars: list[Exemplar | None] | None = None  # per bucket, once one has been observed
+        self._series: Histogram | None = None  # set by Histogram: who to tell when it has listeners
+        self._key: tuple[str, ...] = ()
 
     def observe(self, value: float, exemplar: Mapping[str, str] | None = None) -> None:
         index = bisect_left(self._bounds, value)  # the first bucket whose upper bound is >= value
@@ -72,6 +74,20 @@ class _HistogramChild:
             return list(self.counts), self.sum, None if self.exemplars is None else list(self.exemplars)
 
 
+class _ListenedChild(_HistogramChild):
+    """A child of a histogram that has listeners (``Histogram.add_listener``): the same object, its class
+    switched, so the plain ``observe`` above pays nothing for listeners nobody added."""
+
+    __slots__ = ()
+
+    def observe(self, value: float, *args: Any, **kwargs: Any) -> None:
+        _HistogramChild.observe(self, value, *args, **kwargs)
+        series = self._series
+        if series is not None:
+            for listener in series.listeners:
+                listener(self._key, value)
+
+
 class _Series:
     """A family of children by label values."""
 
@@ -82,7 +98,7 @@ class _Series:
         self._children: dict[tuple[str, ...], Any] = {}
         self._lock = _forksafe.lock()
 
-    def _child(self) -> Any:
+    def _child(self, key: tuple[str, ...]) -> Any:
         raise NotImplementedError
 
     def labels(self, *values: object) -> Any:
@@ -90,7 +106,9 @@ class _Series:
         child = self._children.get(key)
         if child is None:
             with self._lock:
-                child = self._children.setdefault(key, self._child())
+                child = self._children.get(key)
+                if child is None:
+                    child = self._children[key] = self._child(key)
         return child
 
     def remove(self, *values: object) -> None:
@@ -104,7 +122,7 @@ class _Series:
 
 
 class Counter(_Series):
-    def _child(self) -> _CounterChild:
+    def _child(self, key: tuple[str, ...]) -> _CounterChild:
         return _CounterChild()
 
     def collect(self) -> list[Metric]:
@@ -129,8 +147,33 @@ class Histogram(_Series):
         self._bounds = tuple(bounds)
         self._bucket_names = tuple(floatToGoString(b) for b in bounds)
 
-    def _child(self) -> _HistogramChild:
-        return _HistogramChild(self._bounds)
+    listeners: tuple[Callable[[tuple[str, ...], float], None], ...] = ()
+
+    def _child(self, key: tuple[str, ...]) -> _HistogramChild:
+        """A new child, told its series and key (for its listeners)."""
+        child = (_ListenedChild if self.listeners else _HistogramChild)(self._bounds)
+        child._series, child._key = self, key
+        return child
+
+    @property
+    def bounds(self) -> tuple[float, ...]:
+        """The buckets' upper bounds, ``+Inf`` last."""
+        return self._bounds
+
+    def add_listener(self, listener: Callable[[tuple[str, ...], float], None]) -> None:
+        """Call ``listener(label_values, value)`` after each ``observe`` (in the observing thread: keep it to an
+        append).  Children switch class while there are listeners, so none costs nothing."""
+        with self._lock:
+            self.listeners = (*self.listeners, listener)
+            for child in self._children.values():
+                child.__class__ = _ListenedChild
+
+    def remove_listener(self, listener: Callable[[tuple[str, ...], float], None]) -> None:
+        with self._lock:
+            self.listeners = tuple(f for f in self.listeners if f is not listener)
+            if not self.listeners:
+                for child in self._children.values():
+                    child.__class__ = _HistogramChild
 
     def collect(self) -> list[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
