@@ -31,14 +31,19 @@ test: setup
 # The declared minimum version of every runtime dependency (setup.cfg's install_requires, ">=" read as
 # "=="), in its own venv: install, the exporter, stalls, dumps and threads, end to end.
 MIN_VENV ?= .venv-min
+# The [otel] extra's declared minimum (setup.cfg), and the instrumentation release made with it.
+OTEL_MIN := $(shell sed -n '/^otel =/,/^[a-z]/s/^ *opentelemetry-sdk>=\([0-9.]*\).*/\1/p' setup.cfg)
+OTEL_MIN_CONTRIB ?= 0.53b0
 MIN_TESTS ?= tests/test_lifecycle.py tests/test_e2e_stalls.py tests/test_dumps.py tests/test_port_range.py \
-	tests/test_threads.py tests/test_config.py
+	tests/test_threads.py tests/test_config.py tests/test_request_context.py tests/test_otel_export.py
 mincompat: setup
 	@[ -x $(MIN_VENV)/bin/python ] || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(MIN_VENV)/bin/python -m pip install --quiet -e '.[dev]'
-	$(MIN_VENV)/bin/python -m pip install --quiet $$(sed -n '/^install_requires =/,/^$$/s/^ *\([A-Za-z0-9_.-]*\)>=\([0-9.]*\).*/\1==\2/p' setup.cfg)
-	$(MIN_VENV)/bin/python -c 'import importlib.metadata as m; print("mincompat:", *(f"{d}=={m.version(d)}" for d in ("prometheus-client", "psutil", "structlog")))'
+	$(MIN_VENV)/bin/python -m pip install --quiet $$(sed -n '/^install_requires =/,/^$$/s/^ *\([A-Za-z0-9_.-]*\)>=\([0-9.]*\).*/\1==\2/p' setup.cfg) \
+		$$(sed -n '/^otel =/,/^[a-z]/s/^ \+\(opentelemetry-[a-z-]*\)>=\([0-9.]*\).*/\1==\2/p' setup.cfg) \
+		opentelemetry-proto==$(OTEL_MIN) opentelemetry-instrumentation-fastapi==$(OTEL_MIN_CONTRIB)
+	$(MIN_VENV)/bin/python -c 'import importlib.metadata as m; print("mincompat:", *(f"{d}=={m.version(d)}" for d in ("prometheus-client", "psutil", "structlog", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "opentelemetry-instrumentation-fastapi")))'
 	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
 
 # The soak: ten minutes of thread, loop, task, executor and pool churn, scraped 5 times a second (make test
@@ -53,7 +58,7 @@ COMPAT_PYTHONS ?= $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3 $(HOME)/.
 COMPAT_TESTS ?= tests/test_config.py tests/test_dumps.py tests/test_watchdog.py tests/test_e2e_stalls.py \
 	tests/test_slow.py tests/test_lifecycle.py tests/test_threads.py tests/test_tasks.py tests/test_scrape.py \
 	tests/test_fallback_safety.py tests/test_cli_run.py tests/test_remote_dump.py tests/test_console.py \
-	tests/test_incidents.py
+	tests/test_incidents.py tests/test_request_context.py tests/test_otel_export.py
 
 compat:
 	@if [ -z "$(COMPAT_PYTHONS)" ]; then echo "compat: no CPython 3.12/3.13 found; nothing to do"; fi

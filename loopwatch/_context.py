@@ -106,7 +106,7 @@ class ContextReader:
         if otel_context is not None:
             out.update(span_fields(otel_context))
         if values:
-            out["values"] = values
+            out["values"] = dict(sorted(values.items()))  # (a context's order is its hash map's)
         if others:
             out["other_keys"] = sorted(others)
         return out or None

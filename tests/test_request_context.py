@@ -409,3 +409,51 @@ def test_real_prometheus_stores_the_exemplar(traced, tmp_path: Path, prometheus_
         except subprocess.TimeoutExpired:
             prometheus.kill()
         log.close()
+
+
+def test_exemplars_stay_bounded_whatever_the_traffic() -> None:
+    """Thousands of traced observations: at most one exemplar per series and bucket, the latest."""
+    registry = CollectorRegistry()
+    histogram = _series.Histogram("slow_seconds", "h", ["loop"], namespace="t", buckets=(0.1, 0.5, 1.0))
+    counter = _series.Counter("spikes", "h", ["loop"], namespace="t")
+
+    class Both:
+        def collect(self):
+            return [*counter.collect(), *histogram.collect()]
+    registry.register(Both())
+    for n in range(5000):
+        ids = {"trace_id": f"{n:032x}", "span_id": f"{n:016x}"}
+        histogram.labels("main").observe((n % 13) / 10, ids)
+        counter.labels("main").inc(1.0, ids)
+    lines = [line for line in generate_openmetrics(registry).decode().splitlines() if " # {" in line]
+    assert len(lines) == 1 + 4  # the counter, and the 4 buckets (0.1, 0.5, 1.0, +Inf)
+    assert f'trace_id="{4999:032x}"' in lines[0]  # the counter's: the last increment's
+    # each bucket's exemplar is the last observation that fell in it
+    last_in = {bound: max(n for n in range(5000) if lo < (n % 13) / 10 <= bound)
+               for lo, bound in ((-1, 0.1), (0.1, 0.5), (0.5, 1.0), (1.0, float("inf")))}
+    for line, bound in zip(lines[1:], last_in):
+        assert f'trace_id="{last_in[bound]:032x}"' in line, (line, bound)
+
+
+def test_every_threshold_a_stall_crosses_carries_its_trace(tracer) -> None:
+    """A 2.3 s stall with thresholds 0.5 and 2.0: both spike series get the blocked request's trace."""
+    registry = CollectorRegistry()
+    loopwatch.install(metrics_port=0, registry=registry, lag_thresholds=(0.5, 2.0), dump_keep=0)
+
+    async def request() -> trace.SpanContext:
+        with tracer.start_as_current_span("GET /report") as span:
+            await asyncio.sleep(0.05)
+            time.sleep(2.3)
+            await asyncio.sleep(0.05)
+            return span.get_span_context()
+
+    async def main() -> trace.SpanContext:
+        return await asyncio.create_task(request())
+    ids = asyncio.run(main())
+    text = generate_openmetrics(registry).decode()
+    spikes = [line for line in text.splitlines() if line.startswith("loopwatch_event_loop_lag_spikes_total{")]
+    assert len(spikes) == 2, spikes  # the two thresholds given
+    for threshold in ("0.5", "2.0"):
+        [line] = [line for line in spikes if f'threshold="{threshold}"' in line]
+        assert line.split(" # ")[0].endswith("} 1.0"), line  # the stall counted once at each
+        assert f'trace_id="{ids.trace_id:032x}"' in line and f'span_id="{ids.span_id:016x}"' in line, line
