@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextvars
 import gc
 import sys
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,7 +36,7 @@ OTEL_VAR = "current_context"  # the ContextVar of opentelemetry.context.contextv
 MAX_VARS = 256  # context variables looked at per read (a context is a handful in practice)
 MAX_KEYS = 32  # structlog keys listed per read
 MAX_VALUE = 256  # characters of an allowed value
-_PLAIN = (str, int, float, bool, type(None), uuid.UUID)
+_PLAIN = (str, int, float, bool, type(None))
 
 
 def task_context(task: Any) -> Any:
@@ -55,10 +54,11 @@ def task_context(task: Any) -> Any:
 
 
 def _value(value: Any) -> Any:
+    uuid = sys.modules.get("uuid")  # (a UUID exists only if the application imported uuid)
+    if uuid is not None and isinstance(value, uuid.UUID):
+        return str(value)
     if not isinstance(value, _PLAIN):
         return f"<{type(value).__name__}>"
-    if isinstance(value, uuid.UUID):
-        return str(value)
     if isinstance(value, str) and len(value) > MAX_VALUE:
         return value[:MAX_VALUE] + "..."
     return value

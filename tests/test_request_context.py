@@ -23,6 +23,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -103,19 +104,21 @@ def test_reader_sees_the_span_and_only_the_allowed_values(kind: str, tracer) -> 
 
     def body() -> None:
         structlog.contextvars.bind_contextvars(request_id="req-1", tenant="acme", user_token=SECRET,
-                                               payload=Opaque(), gone="x", note="n" * 1000)
+                                               payload=Opaque(), gone="x", note="n" * 1000,
+                                               order=uuid.UUID(int=5), attempt=2)
         structlog.contextvars.unbind_contextvars("gone")
         span = tracer.start_span("GET /orders/{order_id}", attributes={"http.route": ROUTE})
         spans["span"] = span
         trace.context_api.attach(trace.set_span_in_context(span))
 
-    reader = _context.ContextReader(["request_id", "tenant", "payload", "note", "absent"])
+    reader = _context.ContextReader(["request_id", "tenant", "payload", "note", "order", "attempt", "absent"])
     context = _read_mid_step(TASK_KINDS[kind], reader, body)
     ids = spans["span"].get_span_context()
     assert context == {
         "trace_id": f"{ids.trace_id:032x}", "span_id": f"{ids.span_id:016x}", "span_name": "GET /orders/{order_id}",
         "route": ROUTE,
-        "values": {"request_id": "req-1", "tenant": "acme", "payload": "<Opaque>", "note": "n" * 256 + "..."},
+        "values": {"attempt": 2, "note": "n" * 256 + "...", "order": "00000000-0000-0000-0000-000000000005",
+                   "payload": "<Opaque>", "request_id": "req-1", "tenant": "acme"},
         "other_keys": ["user_token"],
     }
     assert Opaque.formatted == 0, "an application object was formatted on the reader's thread"
@@ -457,3 +460,32 @@ def test_every_threshold_a_stall_crosses_carries_its_trace(tracer) -> None:
         [line] = [line for line in spikes if f'threshold="{threshold}"' in line]
         assert line.split(" # ")[0].endswith("} 1.0"), line  # the stall counted once at each
         assert f'trace_id="{ids.trace_id:032x}"' in line and f'span_id="{ids.span_id:016x}"' in line, line
+
+
+def test_requested_and_manual_dumps_carry_the_running_request(tracer, tmp_path: Path) -> None:
+    """``lw-dump``/``loopwatch dump PID`` mid-stall (another thread asks while the task blocks) and
+    ``loopwatch.dump()`` called by a request handler: both dumps name that request."""
+    agent = loopwatch.install(metrics_port=0, registry=CollectorRegistry(), dump_dir=tmp_path / "dumps",
+                              context_keys=["request_id"], lag_thresholds=(5.0,))
+    got: dict = {}
+
+    async def handler() -> trace.SpanContext:
+        structlog.contextvars.bind_contextvars(request_id="req-9")
+        with tracer.start_as_current_span("GET /export") as span:
+            await asyncio.sleep(0.05)
+            asker = threading.Thread(target=lambda: (time.sleep(0.3),
+                                                     got.update(requested=agent.requests.dump_now("console")[1])))
+            asker.start()
+            time.sleep(0.8)  # blocking: the request arrives meanwhile
+            asker.join()
+            got["manual"] = json.loads(loopwatch.dump().read_text())
+            return span.get_span_context()
+
+    async def main() -> trace.SpanContext:
+        return await asyncio.create_task(handler())
+    ids = asyncio.run(main())
+    for kind in ("requested", "manual"):
+        context = got[kind]["context"]
+        assert context["trace_id"] == f"{ids.trace_id:032x}" and context["span_name"] == "GET /export", kind
+        assert context["values"] == {"request_id": "req-9"}, kind
+    assert got["requested"]["stall_seconds"] > 0.1  # it was asked mid-stall
