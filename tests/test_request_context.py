@@ -441,7 +441,7 @@ def test_exemplars_stay_bounded_whatever_the_traffic() -> None:
 def test_every_threshold_a_stall_crosses_carries_its_trace(tracer) -> None:
     """A 2.3 s stall with thresholds 0.5 and 2.0: both spike series get the blocked request's trace."""
     registry = CollectorRegistry()
-    loopwatch.install(metrics_port=0, registry=registry, lag_thresholds=(0.5, 2.0), dump_keep=0)
+    agent = loopwatch.install(metrics_port=0, registry=registry, lag_thresholds=(0.5, 2.0), dump_keep=0)
 
     async def request() -> trace.SpanContext:
         with tracer.start_as_current_span("GET /report") as span:
@@ -460,6 +460,9 @@ def test_every_threshold_a_stall_crosses_carries_its_trace(tracer) -> None:
         [line] = [line for line in spikes if f'threshold="{threshold}"' in line]
         assert line.split(" # ")[0].endswith("} 1.0"), line  # the stall counted once at each
         assert f'trace_id="{ids.trace_id:032x}"' in line and f'span_id="{ids.span_id:016x}"' in line, line
+    wait_for(lambda: agent.watchdog.recent, timeout=10, what="the ended stall")
+    ended = agent.watchdog.recent[-1]  # what the console's lw-stalls lists
+    assert ended["trace_id"] == f"{ids.trace_id:032x}" and ended["duration"] == pytest.approx(2.3, abs=0.15)
 
 
 def test_requested_and_manual_dumps_carry_the_running_request(tracer, tmp_path: Path) -> None:
