@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+import structlog.testing
 from conftest import free_port, wait_for
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -200,30 +201,21 @@ def test_exact_mode_slow_callback_carries_its_span(tracer) -> None:
     """A slow callback below the stall threshold, timed per callback: its event and its histogram exemplar
     name the span it ran in (the handle's context, read on the loop thread after it ran)."""
     registry = CollectorRegistry()
-    events: list[dict] = []
     agent = loopwatch.install(metrics_port=0, registry=registry, slow_callback_mode="exact",
                               context_keys=["request_id"], dump_keep=0)
-    import logging
 
-    class Keep(logging.Handler):
-        def emit(self, record):
-            events.append(getattr(record, "loopwatch", {}))
-    handler = Keep()
-    logging.getLogger("loopwatch").addHandler(handler)
-    logging.getLogger("loopwatch").setLevel(logging.INFO)
-    try:
-        async def handler_step() -> None:
-            structlog.contextvars.bind_contextvars(request_id="exact-1")
-            with tracer.start_as_current_span("slow work") as span:  # (a request's span: open across awaits)
-                time.sleep(0.2)
-                await asyncio.sleep(0)  # the slow step ends here, its span still current
-                return span.get_span_context()
+    async def handler_step() -> trace.SpanContext:
+        structlog.contextvars.bind_contextvars(request_id="exact-1")
+        with tracer.start_as_current_span("slow work") as span:  # (a request's span: open across awaits)
+            time.sleep(0.2)
+            await asyncio.sleep(0)  # the slow step ends here, its span still current
+            return span.get_span_context()
 
-        async def main():
-            return await asyncio.create_task(handler_step())
+    async def main() -> trace.SpanContext:
+        return await asyncio.create_task(handler_step())
+    # loopwatch's events go through structlog once it is configured (another test may have): capture there
+    with structlog.testing.capture_logs() as events:
         ids = asyncio.run(main())
-    finally:
-        logging.getLogger("loopwatch").removeHandler(handler)
     slow = [e for e in events if e.get("event") == "loopwatch.slow_callback"]
     assert slow, events
     assert slow[0]["trace_id"] == f"{ids.trace_id:032x}" and slow[0]["span_name"] == "slow work"
