@@ -50,7 +50,7 @@ EXPECTED: dict[str, tuple[str, str, set[str]]] = {
     "loopwatch.executor.thread.limit": ("{thread}", "updowncounter", {EXEC}),
     "loopwatch.executor.thread.busy": ("{thread}", "updowncounter", {EXEC}),
     "db.client.connection.count": ("{connection}", "updowncounter", {POOL, "db.client.connection.state"}),
-    "db.client.connection.max": ("{connection}", "updowncounter", {POOL}),
+    "db.client.connection.limit": ("{connection}", "updowncounter", {POOL}),
     "db.client.connection.pending_requests": ("{request}", "updowncounter", {POOL}),
     "db.client.connection.timeouts": ("{timeout}", "counter", {POOL}),
     "loopwatch.dumps": ("{dump}", "counter", {"loopwatch.dump.reason"}),
@@ -72,7 +72,8 @@ EXPECTED: dict[str, tuple[str, str, set[str]]] = {
 }
 # Instruments that exist but have no data point in this application, each for a stated reason.
 NOT_HERE = {"loopwatch.db.client.connection.overflow": "SQLAlchemy pools only (psycopg_pool has no overflow)"}
-OLD_DB = {"db.client.connections.usage", "db.client.connections.max", "db.client.connections.pending_requests",
+OLD_DB = {"db.client.connections.usage", "db.client.connections.max", "db.client.connection.max",
+          "db.client.connections.pending_requests",
           "db.client.connections.timeouts", "db.client.connections.wait_time", "db.client.connections.use_time"}
 
 APP = r'''
@@ -266,7 +267,7 @@ def test_otlp_export_every_instrument(receiver: Receiver, tmp_path: Path) -> Non
     assert wait["count"] == 8
     assert _points(m["db.client.connection.count"], db__client__connection__pool__name="orders",
                    db__client__connection__state="used") == [2]
-    assert _points(m["db.client.connection.max"], db__client__connection__pool__name="orders") == [4]
+    assert _points(m["db.client.connection.limit"], db__client__connection__pool__name="orders") == [4]
     assert _points(m["db.client.connection.pending_requests"], db__client__connection__pool__name="orders") == [0]
     assert _points(m["db.client.connection.timeouts"], db__client__connection__pool__name="orders") == [0]
     pool_wait = _points(m["db.client.connection.wait_time"], db__client__connection__pool__name="orders")[0]
@@ -369,8 +370,12 @@ def test_db_opt_in_emits_the_old_names_too(tmp_path: Path) -> None:
     result = _run_global(tmp_path, "sdk", "auto", OTEL_SEMCONV_STABILITY_OPT_IN="http,database/dup")
     metrics = result["metrics"]
     assert {"db.client.connections.usage", "db.client.connections.max", "db.client.connections.pending_requests",
-            "db.client.connections.timeouts", "db.client.connections.wait_time"} <= set(metrics)
-    assert "db.client.connection.count" in metrics  # both, with database/dup
+            "db.client.connections.timeouts", "db.client.connections.wait_time", "db.client.connection.max"} \
+        <= set(metrics)
+    assert {"db.client.connection.count", "db.client.connection.limit"} <= set(metrics)  # both, with database/dup
+    limits = [metrics[name][1] for name in ("db.client.connection.limit", "db.client.connection.max",
+                                             "db.client.connections.max")]
+    assert [[p[1] for p in points if "orders" in p[0].values()] for points in limits] == [[3], [3], [3]]
     usage = {p[0]["state"]: p[1] for p in metrics["db.client.connections.usage"][1] if p[0]["pool.name"] == "orders"}
     assert usage["used"] == 1
     assert metrics["db.client.connections.wait_time"][0] == "ms"
