@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,34 @@ def prometheus_tools() -> dict[str, str]:
     assert all(found.values()), (f"prometheus/promtool not on PATH: {found}; run `make test` (its setup step "
                                  f"installs Debian's prometheus package) or `tools/system-packages test`")
     return found  # type: ignore[return-value]
+
+
+@contextmanager
+def prometheus_server(binary: str, tmp_path: Path, config: str, *flags: str) -> Iterator[str]:
+    """A real Prometheus with ``config`` (YAML text) and ``flags``, on a free loopback port: yields its base
+    URL once ready; stopped at the end.  One that exits fails the test with the end of its log."""
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(config)
+    log_path = tmp_path / "prometheus.log"
+    log = log_path.open("w")
+    prometheus = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", *flags], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200
+        except OSError:
+            return prometheus.poll() is not None  # exited: fail below with its log
+    try:
+        wait_for(ready, timeout=60, what="prometheus to be ready")
+        assert prometheus.poll() is None, log_path.read_text()[-3000:]
+        yield base
+    finally:
+        prometheus.terminate()
+        try:
+            prometheus.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            prometheus.kill()
+        log.close()

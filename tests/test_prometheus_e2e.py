@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for
+from conftest import free_port, prometheus_server, wait_for
 
 from loopwatch import _dashboards
 
@@ -61,40 +61,20 @@ def stack(tmp_path: Path, prometheus_tools, app_runner):
     render = subprocess.run([sys.executable, "-m", "loopwatch", "dashboards", "--namespace", "oraculo", "--out",
                              str(tmp_path / "rendered")], capture_output=True, text=True)
     assert render.returncode == 0, render.stderr
-    app_port, prom_port = free_port(), free_port()
+    app_port = free_port()
     ctl = tmp_path / "ctl"
     ctl.mkdir()
     app = app_runner("oraculo_app", str(app_port), str(tmp_path / "dumps"), str(ctl))
     app.wait_line("READY")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files:\n  - {tmp_path / 'rendered' / 'oraculo-rules.yml'}\n"
-        "scrape_configs:\n  - job_name: alerts\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{app_port}']\n")
-    log = (tmp_path / "prometheus.log").open("w")
-    prometheus = subprocess.Popen(
-        [prometheus_tools["prometheus"], f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{prom_port}"
-
-    def ready() -> bool:
-        try:
-            return urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200
-        except OSError:
-            return prometheus.poll() is not None  # exited: fail below with its log
+    config = ("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+              f"rule_files:\n  - {tmp_path / 'rendered' / 'oraculo-rules.yml'}\n"
+              "scrape_configs:\n  - job_name: alerts\n    static_configs:\n"
+              f"      - targets: ['127.0.0.1:{app_port}']\n")
     try:
-        wait_for(ready, timeout=60, what="prometheus to be ready")
-        assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
-        yield app, base, ctl
+        with prometheus_server(prometheus_tools["prometheus"], tmp_path, config) as base:
+            yield app, base, ctl
     finally:
         (ctl / "stop").touch()
-        prometheus.terminate()
-        try:
-            prometheus.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            prometheus.kill()
-        log.close()
 
 
 def test_real_prometheus_seed_queries_dashboard_panels_and_the_lag_alert(stack) -> None:

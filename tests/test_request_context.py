@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import structlog
 import structlog.testing
-from conftest import free_port, wait_for
+from conftest import free_port, prometheus_server, wait_for
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, generate_latest
@@ -364,26 +364,17 @@ def test_real_prometheus_stores_the_exemplar(traced, tmp_path: Path, prometheus_
     """Prometheus (exemplar storage on) scrapes the app in OpenMetrics; ``query_exemplars`` returns the
     trace of the request that blocked, on the spike counter and on the slow-callback histogram."""
     base, metrics, _, events = traced("asyncio")
-    port = free_port()
     target = urllib.parse.urlparse(metrics).netloc
-    config = tmp_path / "prometheus.yml"
-    config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: orders\n"
-                      f"    static_configs:\n      - targets: ['{target}']\n")
-    log = (tmp_path / "prometheus.log").open("w")
-    prometheus = subprocess.Popen(
-        [prometheus_tools["prometheus"], f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage"],
-        stdout=log, stderr=subprocess.STDOUT)
-    api = f"http://127.0.0.1:{port}/api/v1"
-    try:
+    config = ("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: orders\n"
+              f"    static_configs:\n      - targets: ['{target}']\n")
+    with prometheus_server(prometheus_tools["prometheus"], tmp_path, config,
+                           "--enable-feature=exemplar-storage") as prometheus:
+        api = f"{prometheus}/api/v1"
+
         def up() -> bool:
-            try:
-                result = json.loads(_get(f"{api}/query?query=up", timeout=5))["data"]["result"]
-                return bool(result) and result[0]["value"][1] == "1"
-            except OSError:
-                return prometheus.poll() is not None
+            result = json.loads(_get(f"{api}/query?query=up", timeout=5))["data"]["result"]
+            return bool(result) and result[0]["value"][1] == "1"
         wait_for(up, timeout=60, what="prometheus scraping the app")
-        assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
         start = time.time() - 60
         _get(f"{base}/orders/777?block=0.8", {"X-Request-ID": "req-777"})
         wait_for(lambda: _events(events, "loopwatch.stall"), timeout=30, what="the stall")
@@ -397,13 +388,6 @@ def test_real_prometheus_stores_the_exemplar(traced, tmp_path: Path, prometheus_
             found = wait_for(lambda: exemplars(metric), timeout=30, what=f"an exemplar on {metric}")
             assert {e["labels"]["trace_id"] for e in found} == {trace_id}, (metric, found)
             assert all(len(e["labels"]["span_id"]) == 16 for e in found)
-    finally:
-        prometheus.terminate()
-        try:
-            prometheus.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            prometheus.kill()
-        log.close()
 
 
 def test_exemplars_stay_bounded_whatever_the_traffic() -> None:
