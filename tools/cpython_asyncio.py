@@ -1,6 +1,6 @@
 """CPython's own ``test_asyncio``, without and with loopwatch installed: the same tests must pass.
 
-    python tools/cpython_asyncio.py [--python PY ...] [--jobs 2] [--slack 1.0] [--out DIR]
+    python tools/cpython_asyncio.py [--python PY ...] [--jobs 2] [--slack 1.5] [--out DIR]
 
 For each interpreter (default: the one running this script) the suite runs twice with
 ``python -m test test_asyncio --junit-xml ...``: once as it ships, once with ``tools/asyncio_site`` on
@@ -160,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", action="append", help="interpreter to test (repeatable; default: this one)")
     parser.add_argument("--jobs", type=int, default=2, help="regrtest worker processes (2)")
-    parser.add_argument("--slack", type=float, default=1.0,
-                        help="seconds a test may take longer with loopwatch (1.0)")
+    # 1.5, not 1.0: test_kill_issue43884 races two 1 s clocks and, whichever way, takes 1.003 s or 2.004 s
+    # (best of 5), with or without loopwatch (seen both ways on 2026-12-04): a lost race is 1 s plus
+    # scheduling, which a slack of exactly 1.0 s can never absorb.
+    parser.add_argument("--slack", type=float, default=1.5,
+                        help="seconds a test may take longer with loopwatch (1.5)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per suite run (900)")
     parser.add_argument("--reruns", type=int, default=5,
                         help="runs each way of a test that took longer than --slack in the full run (5)")
