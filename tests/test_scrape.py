@@ -62,10 +62,12 @@ def test_a_scrape_hands_the_gil_over_a_few_times_whatever_the_descriptors(app_ru
     # Waiting for the request (epoll), at most one wait for its bytes and one for the socket's buffer, a
     # forced switch or two while collecting: about 5.  Reading /proc through Python, or one socket call
     # releasing the GIL each, made it 40 + one per open descriptor.
-    assert statistics.median(per_scrape) <= 8, per_scrape
-    # An odd scrape may wait more (a loaded CI machine: one saw 59 once among twenty); the old way, every
-    # scrape made 40 or more.
-    assert sum(n > 20 for n in per_scrape) <= 2, per_scrape
+    # (Median bound 12, not 8: this machine class saw a median of 9 in about one run in ten, with three
+    # threads spinning on two cores; the old way's median was 40 or more, 116 with 3,000 descriptors.)
+    assert statistics.median(per_scrape) <= 12, per_scrape
+    # An odd scrape may wait more (a loaded CI machine: one saw 59 once among twenty, another 3 scrapes of
+    # 27-53 among twenty); the old way, every scrape made 40 or more.
+    assert sum(n > 20 for n in per_scrape) <= 4, per_scrape
     # measured: p95 ~35-45 ms (make bench: figure 7); before, p95 0.32 s and every scrape over 0.1 s
     assert sum(t > 0.25 for t in latencies) <= 2, sorted(latencies)
 
